@@ -1,0 +1,371 @@
+"""One typed config tree for every mdlm entry point.
+
+``Config`` holds five sections (model, noise, training, sampling, data). A run's config is built from
+the defaults below, then a YAML preset (``cpu``, ``tiny``, ``small``, ``medium`` ... or a file), then
+``a.b=value`` overrides from the command line. Unknown keys and wrongly typed values raise
+``ConfigError`` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+ScheduleName = Literal["loglinear", "linear", "cosine", "cosinesqr", "geometric"]
+SamplerName = Literal["ancestral", "cached", "first_hitting"]
+
+
+class ConfigError(ValueError):
+    """A config key, value or file is invalid; the message names it."""
+
+
+@dataclass
+class ModelConfig:
+    """Backbone shape. ``vocab_size`` includes the [MASK] token."""
+
+    kind: Literal["mdlm", "ar"] = "mdlm"
+    hidden_size: int = 512
+    n_layers: int = 8
+    n_heads: int = 8
+    cond_dim: int = 128
+    mlp_ratio: int = 4
+    dropout: float = 0.1
+    vocab_size: int = 50258
+    mask_token_id: int | None = 50257
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    max_seq_len: int = 1024
+    time_conditioning: bool = False
+    rope_base: float = 10000.0
+
+    def validate(self, prefix: str = "model") -> None:
+        _positive(self, prefix, "hidden_size", "n_layers", "n_heads", "cond_dim", "mlp_ratio", "vocab_size",
+                  "max_seq_len", "rope_base")
+        if self.hidden_size % self.n_heads:
+            raise ConfigError(f"{prefix}.n_heads: hidden_size {self.hidden_size} is not divisible by "
+                              f"n_heads {self.n_heads}")
+        if (self.hidden_size // self.n_heads) % 2:
+            raise ConfigError(f"{prefix}.n_heads: head dim {self.hidden_size // self.n_heads} must be even "
+                              "for rotary embeddings")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{prefix}.dropout: {self.dropout} is not in [0, 1)")
+        if self.kind == "mdlm":
+            if self.mask_token_id is None:
+                raise ConfigError(f"{prefix}.mask_token_id: required for kind 'mdlm'")
+            if not 0 <= self.mask_token_id < self.vocab_size:
+                raise ConfigError(f"{prefix}.mask_token_id: {self.mask_token_id} is outside the vocabulary "
+                                  f"[0, {self.vocab_size})")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < self.vocab_size:
+                raise ConfigError(f"{prefix}.{name}: {value} is outside the vocabulary [0, {self.vocab_size})")
+        if self.kind == "ar" and self.time_conditioning:
+            raise ConfigError(f"{prefix}.time_conditioning: the autoregressive model has no time input")
+
+
+MODEL_SIZES: dict[str, dict[str, int]] = {
+    # CPU-sized model for the demo and tests.
+    "cpu": {"hidden_size": 128, "n_layers": 4, "n_heads": 4, "cond_dim": 64},
+    "tiny": {"hidden_size": 512, "n_layers": 8, "n_heads": 8},
+    "small": {"hidden_size": 768, "n_layers": 12, "n_heads": 12},
+    "medium": {"hidden_size": 1024, "n_layers": 24, "n_heads": 16},
+}
+
+
+@dataclass
+class NoiseConfig:
+    """Forward process and NELBO estimator."""
+
+    schedule: ScheduleName = "loglinear"
+    # sigma(t) range for the 'linear' and 'geometric' schedules (None: the schedule's own default).
+    sigma_min: float | None = None
+    sigma_max: float | None = None
+    sampling_eps: float = 1e-3
+    time: Literal["continuous", "discrete"] = "continuous"
+    num_timesteps: int = 1000
+    antithetic: bool = True
+
+    def validate(self, prefix: str = "noise") -> None:
+        if not 0.0 < self.sampling_eps < 1.0:
+            raise ConfigError(f"{prefix}.sampling_eps: {self.sampling_eps} is not in (0, 1)")
+        _positive(self, prefix, "num_timesteps")
+        if self.sigma_min is not None and self.sigma_min < 0:
+            raise ConfigError(f"{prefix}.sigma_min: must be >= 0, got {self.sigma_min}")
+        if self.schedule == "geometric" and self.sigma_min == 0:
+            raise ConfigError(f"{prefix}.sigma_min: the geometric schedule needs sigma_min > 0")
+        if self.sigma_min is not None and self.sigma_max is not None and self.sigma_min >= self.sigma_max:
+            raise ConfigError(f"{prefix}.sigma_min: {self.sigma_min} must be below sigma_max {self.sigma_max}")
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation defaults follow the paper (AdamW 3e-4, 2,500 warmup steps, constant, clip 1.0)."""
+
+    max_steps: int = 10000
+    global_batch_size: int = 512
+    micro_batch_size: int = 32
+    lr: float = 3e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 2500
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    precision: Literal["fp32", "bf16"] = "bf16"
+    seed: int = 0
+    log_every: int = 10
+
+    def validate(self, prefix: str = "training") -> None:
+        _positive(self, prefix, "max_steps", "global_batch_size", "micro_batch_size", "lr", "log_every")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(f"{prefix}.global_batch_size: {self.global_batch_size} is not a multiple of "
+                              f"micro_batch_size {self.micro_batch_size}")
+        for name in ("beta1", "beta2", "ema_decay", "min_lr_ratio"):
+            if not 0.0 <= getattr(self, name) < 1.0 + (name == "min_lr_ratio"):
+                raise ConfigError(f"{prefix}.{name}: {getattr(self, name)} is out of range")
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "adam_eps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{prefix}.{name}: must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class SamplingConfig:
+    """Generation settings. Categorical draws are float64 unless ``dtype='float32'`` (reference behaviour)."""
+
+    sampler: SamplerName = "cached"
+    steps: int = 1000
+    num_samples: int = 4
+    length: int | None = None  # None: the model's max_seq_len
+    stride: int | None = None  # semi-autoregressive: new tokens per extra round
+    top_p: float = 1.0
+    dtype: Literal["float64", "float32"] = "float64"
+    seed: int = 0
+
+    def validate(self, prefix: str = "sampling") -> None:
+        _positive(self, prefix, "steps", "num_samples")
+        for name in ("length", "stride"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{prefix}.{name}: must be > 0, got {value}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"{prefix}.top_p: {self.top_p} is not in (0, 1]")
+
+
+@dataclass
+class DataConfig:
+    """Corpus, tokenizer and packing."""
+
+    source: str = "shakespeare"
+    text_field: str = "text"
+    encoding: str = "utf-8"
+    tokenizer: str = "bpe"  # 'bpe' (train on the corpus), 'gpt2', 'bert-base-uncased', or a tokenizer.json path
+    tokenizer_vocab_size: int = 1024
+    block_size: int = 128
+    packing: Literal["wrap", "pad"] = "wrap"
+    validation_fraction: float = 0.05
+    test_fraction: float = 0.05
+    output_dir: str = "data/prepared"
+
+    def validate(self, prefix: str = "data") -> None:
+        if self.block_size < 3:
+            raise ConfigError(f"{prefix}.block_size: {self.block_size} is below 3 ([BOS] + token + [EOS])")
+        _positive(self, prefix, "tokenizer_vocab_size")
+        for name in ("validation_fraction", "test_fraction"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{prefix}.{name}: {getattr(self, name)} is not in [0, 1)")
+        if self.validation_fraction + self.test_fraction >= 1.0:
+            raise ConfigError(f"{prefix}.test_fraction: validation + test fractions leave no training data")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def validate(self) -> Config:
+        for f in fields(self):
+            getattr(self, f.name).validate(f.name)
+        if self.sampling.length is not None and self.sampling.stride is None \
+                and self.sampling.length > self.model.max_seq_len:
+            raise ConfigError(f"sampling.length: {self.sampling.length} exceeds model.max_seq_len "
+                              f"{self.model.max_seq_len}; set sampling.stride for semi-autoregressive generation")
+        if self.sampling.stride is not None and self.sampling.stride >= self.model.max_seq_len:
+            raise ConfigError(f"sampling.stride: {self.sampling.stride} must be below model.max_seq_len "
+                              f"{self.model.max_seq_len}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """``{'model.hidden_size': 512, ...}``, e.g. for experiment-tracker params."""
+        return {f"{section}.{key}": value for section, values in self.to_dict().items()
+                for key, value in values.items()}
+
+
+def _positive(obj: Any, prefix: str, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value <= 0:
+            raise ConfigError(f"{prefix}.{name}: must be > 0, got {value}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building a config from dicts, presets and overrides, with type checking.
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Return ``value`` as ``annotation`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{key}: may not be null")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported config type {annotation!r}")
+
+
+def _section_from_dict(cls: type, data: dict[str, Any], prefix: str, base: Any = None) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix}: expected a mapping, got {data!r}")
+    values = {} if base is None else {f.name: getattr(base, f.name) for f in fields(cls)}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in known:
+            hint = difflib.get_close_matches(str(key), sorted(known), n=1)
+            raise ConfigError(f"unknown config key '{full}'" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+        if dataclasses.is_dataclass(hints[key]):
+            values[key] = _section_from_dict(hints[key], value, full, values.get(key))
+        else:
+            values[key] = _coerce(value, hints[key], full)
+    return cls(**values)
+
+
+def config_from_dict(data: dict[str, Any], base: Config | None = None) -> Config:
+    """Merge ``data`` (nested dict) over ``base`` (defaults if None); check keys and types."""
+    return _section_from_dict(Config, data or {}, "", base or Config())
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``'model.hidden_size=256'`` -> ``{'model': {'hidden_size': 256}}`` (the value is parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form a.b=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{key}: cannot parse value {raw!r}: {exc}") from None
+    nested: dict[str, Any] = {}
+    node = nested
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def read_preset(name_or_path: str | Path) -> dict[str, Any]:
+    """Load a preset by name (``mdlm/presets/NAME.yaml``) or by file path; ``base:`` chains presets."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown preset '{name_or_path}'; available: {', '.join(preset_names())}")
+    elif not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    parent = data.pop("base", None)
+    if parent is None:
+        return data
+    return _deep_merge(read_preset(parent), data)
+
+
+def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
+
+
+def load_config(preset: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then ``preset`` (name or YAML path), then ``a.b=value`` overrides; validated."""
+    data: dict[str, Any] = read_preset(preset) if preset else {}
+    for text in overrides:
+        data = _deep_merge(data, parse_override(text))
+    return config_from_dict(data).validate()
+
+
+def model_config_for(size: str, **changes: Any) -> ModelConfig:
+    """A ``ModelConfig`` of a named size (cpu, tiny, small, medium) with optional field changes."""
+    if size not in MODEL_SIZES:
+        raise ConfigError(f"unknown model size '{size}'; available: {', '.join(MODEL_SIZES)}")
+    config = _section_from_dict(ModelConfig, {**MODEL_SIZES[size], **changes}, "model")
+    config.validate()
+    return config

@@ -1,0 +1,1 @@
+"""Forward process, noise schedules and training objectives."""

@@ -1,0 +1,275 @@
+"""The user-facing models: ``MDLM`` (masked diffusion) and ``ARModel`` (the autoregressive baseline).
+
+Both wrap the same DiT backbone and add their objective, sampling, text generation and the
+``save_pretrained`` / ``from_pretrained`` directory format.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+from torch import Tensor, nn
+
+from mdlm.config import ModelConfig, NoiseConfig
+from mdlm.diffusion.objective import LossOutput, diffusion_nelbo, next_token_nll, subs_log_probs
+from mdlm.diffusion.schedules import get_schedule
+from mdlm.hub import read_model_dir, write_model_dir
+from mdlm.models.dit import DiT
+from mdlm.sampling.categorical import resolve_dtype, sample_categorical, top_p_filter
+from mdlm.sampling.samplers import SampleOutput, run_sampler, semi_autoregressive_sample
+
+IdsLike = Tensor | Sequence[int] | Sequence[Sequence[int]]
+
+
+class _PretrainedModel(nn.Module):
+    model_type: str
+    config: ModelConfig
+    noise_config: NoiseConfig | None
+    tokenizer: Tokenizer | None
+
+    def save_pretrained(self, path: str | os.PathLike[str], state_dict: dict[str, Tensor] | None = None) -> None:
+        """Write ``config.json``, ``model.safetensors`` and ``tokenizer.json`` (if any) to ``path``."""
+        write_model_dir(path, model_type=self.model_type, model_config=self.config, noise_config=self.noise_config,
+                        state_dict=state_dict if state_dict is not None else self.state_dict(),
+                        tokenizer=self.tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str], map_location: str | torch.device = "cpu"):
+        parts = read_model_dir(path, map_location)
+        if parts["model_type"] != cls.model_type:
+            raise ValueError(f"{path} holds a '{parts['model_type']}' model, not '{cls.model_type}'; "
+                             "use mdlm.load_pretrained to load either")
+        return cls._from_parts(parts)
+
+    @classmethod
+    def _from_parts(cls, parts: dict[str, Any]):
+        kwargs = {"tokenizer": parts["tokenizer"]}
+        if cls.model_type == "mdlm":
+            kwargs["noise"] = parts["noise_config"]
+        model = cls(parts["model_config"], **kwargs)
+        model.load_state_dict(parts["state_dict"], strict=True)
+        weights = next(iter(parts["state_dict"].values()), None)
+        if weights is not None:
+            model.to(weights.device)
+        return model.eval()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def _require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass token ids to sample(), or attach one with "
+                             "model.tokenizer = tokenizers.Tokenizer.from_file(...)")
+        return self.tokenizer
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a prompt, preceded by [BOS] when the model has one (training rows start with it)."""
+        ids = self._require_tokenizer().encode(text, add_special_tokens=False).ids
+        bos = self.config.bos_token_id
+        return ([bos] if bos is not None else []) + ids
+
+    def decode(self, tokens: Tensor) -> list[str]:
+        tokenizer = self._require_tokenizer()
+        return tokenizer.decode_batch(tokens.tolist(), skip_special_tokens=True)
+
+    def _generator(self, seed: int | None, generator: torch.Generator | None) -> torch.Generator | None:
+        if generator is not None or seed is None:
+            return generator
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def _prefix_tensor(self, prefix: IdsLike | None, num_samples: int) -> Tensor:
+        if prefix is None:
+            return torch.empty(num_samples, 0, dtype=torch.long, device=self.device)
+        ids = torch.as_tensor(prefix, dtype=torch.long, device=self.device)
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0).expand(num_samples, -1)
+        if ids.dim() != 2 or ids.shape[0] != num_samples:
+            raise ValueError(f"prefix must be [P] or [num_samples={num_samples}, P], got {tuple(ids.shape)}")
+        if ids.numel() and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+            raise ValueError(f"prefix token ids must lie in [0, {self.config.vocab_size})")
+        return ids
+
+
+class MDLM(_PretrainedModel):
+    """Masked diffusion language model with the SUBS parameterization.
+
+    >>> model = MDLM(model_config_for("cpu", vocab_size=1000, mask_token_id=999, max_seq_len=64))
+    >>> out = model.loss(batch)              # NELBO per token (continuous time by default)
+    >>> sample = model.sample(num_samples=2, steps=64).tokens
+    """
+
+    model_type = "mdlm"
+
+    def __init__(self, config: ModelConfig, noise: NoiseConfig | None = None,
+                 tokenizer: Tokenizer | None = None) -> None:
+        super().__init__()
+        if config.kind != "mdlm":
+            raise ValueError(f"MDLM needs model.kind='mdlm', got {config.kind!r}")
+        config.validate()
+        self.config = config
+        self.noise_config = noise or NoiseConfig()
+        self.noise_config.validate()
+        self.schedule = get_schedule(self.noise_config)
+        self.mask_id = int(config.mask_token_id)  # type: ignore[arg-type]
+        self.tokenizer = tokenizer
+        self.backbone = DiT(config, causal=False)
+
+    def forward(self, z_t: Tensor, t: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
+        """Denoiser logits [B, L, V] for the noised sequence z_t at time t."""
+        return self.backbone(z_t, t, attention_mask)
+
+    def denoise(self, z_t: Tensor, t: Tensor) -> Tensor:
+        """x_theta(z_t, t) as SUBS log-probabilities [B, L, V] (float32)."""
+        return subs_log_probs(self.backbone(z_t, t), z_t, self.mask_id)
+
+    def loss(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, t: Tensor | None = None,
+             generator: torch.Generator | None = None) -> LossOutput:
+        """One-sample Monte-Carlo NELBO per real token (an upper bound on the NLL; exp of it bounds perplexity)."""
+        return diffusion_nelbo(lambda z, tt: self.backbone(z, tt, attention_mask), input_ids, self.schedule,
+                               self.noise_config, self.mask_id, attention_mask=attention_mask, t=t,
+                               generator=generator)
+
+    @torch.no_grad()
+    def sample(self, num_samples: int = 1, length: int | None = None, *, steps: int | None = None,
+               sampler: str = "cached", top_p: float = 1.0, dtype: str | torch.dtype = "float64",
+               prefix: IdsLike | None = None, template: IdsLike | None = None, stride: int | None = None,
+               seed: int | None = None, generator: torch.Generator | None = None,
+               callback: Callable[[int, Tensor], None] | None = None) -> SampleOutput:
+        """Generate token ids.
+
+        ``prefix`` fixes the first tokens; ``template`` ([L] or [B, L]) fixes every position that is not the
+        mask id (infilling). ``length`` beyond ``max_seq_len`` needs ``stride`` (semi-autoregressive).
+        ``steps`` defaults to the number of generated positions; first_hitting ignores it.
+        """
+        resolve_dtype(dtype)
+        generator = self._generator(seed, generator)
+        block = self.config.max_seq_len
+        was_training = self.training
+        self.eval()
+        try:
+            if template is not None:
+                if prefix is not None or stride is not None:
+                    raise ValueError("template cannot be combined with prefix or stride")
+                z = self._prefix_tensor(template, num_samples)
+                if z.shape[1] > block:
+                    raise ValueError(f"template of {z.shape[1]} tokens exceeds max_seq_len {block}")
+                return self._sample_window(z, steps, sampler, top_p, dtype, generator, callback)
+            length = length or block
+            start = self._prefix_tensor(prefix, num_samples)
+            if length <= start.shape[1]:
+                raise ValueError(f"length {length} must exceed the prefix length {start.shape[1]}")
+            if length > block:
+                if stride is None:
+                    raise ValueError(f"length {length} exceeds max_seq_len {block}: set stride for "
+                                     "semi-autoregressive generation")
+                return semi_autoregressive_sample(
+                    lambda z: self._sample_window(z, steps, sampler, top_p, dtype, generator, None),
+                    start, length, block, stride, self.mask_id,
+                    callback=None if callback is None else (lambda tokens: callback(-1, tokens)))
+            z = torch.full((num_samples, length), self.mask_id, dtype=torch.long, device=self.device)
+            z[:, :start.shape[1]] = start
+            return self._sample_window(z, steps, sampler, top_p, dtype, generator, callback)
+        finally:
+            self.train(was_training)
+
+    def _sample_window(self, z: Tensor, steps: int | None, sampler: str, top_p: float, dtype: str | torch.dtype,
+                       generator: torch.Generator | None, callback: Callable[[int, Tensor], None] | None
+                       ) -> SampleOutput:
+        steps = steps or max(int((z == self.mask_id).sum(dim=-1).max()), 1)
+        return run_sampler(sampler, self.denoise, z, self.schedule, self.mask_id, steps=steps, top_p=top_p,
+                           dtype=dtype, generator=generator, callback=callback,
+                           allow_cache=not self.config.time_conditioning)
+
+    def generate(self, prompt: str | None = None, *, infill: str | None = None, num_samples: int = 1,
+                 length: int | None = None, **sample_kwargs: Any) -> list[str]:
+        """Text in, text out. ``infill`` is a text with the tokenizer's mask token where text should go."""
+        if infill is not None:
+            if prompt is not None:
+                raise ValueError("give either prompt or infill, not both")
+            template = self.encode_prompt(infill)
+            if self.mask_id not in template:
+                raise ValueError("infill text contains no mask token; mark the gaps with the tokenizer's "
+                                 f"mask token {self._require_tokenizer().id_to_token(self.mask_id)!r}")
+            out = self.sample(num_samples, template=template, **sample_kwargs)
+        else:
+            prefix = self.encode_prompt(prompt) if prompt else (
+                [self.config.bos_token_id] if self.config.bos_token_id is not None else None)
+            out = self.sample(num_samples, length, prefix=prefix, **sample_kwargs)
+        return self.decode(out.tokens)
+
+
+class ARModel(_PretrainedModel):
+    """The autoregressive baseline: the same DiT with causal attention and a next-token loss."""
+
+    model_type = "ar"
+
+    def __init__(self, config: ModelConfig, tokenizer: Tokenizer | None = None) -> None:
+        super().__init__()
+        if config.kind != "ar":
+            raise ValueError(f"ARModel needs model.kind='ar', got {config.kind!r}")
+        config.validate()
+        self.config = config
+        self.noise_config = None
+        self.tokenizer = tokenizer
+        self.backbone = DiT(config, causal=True)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        return self.backbone(input_ids, None, attention_mask)
+
+    def loss(self, input_ids: Tensor, attention_mask: Tensor | None = None, **_: Any) -> LossOutput:
+        """Next-token NLL per predicted real token."""
+        return next_token_nll(self.backbone(input_ids, None, attention_mask), input_ids, attention_mask)
+
+    @torch.no_grad()
+    def sample(self, num_samples: int = 1, length: int | None = None, *, top_p: float = 1.0,
+               dtype: str | torch.dtype = "float64", prefix: IdsLike | None = None, seed: int | None = None,
+               generator: torch.Generator | None = None, **_: Any) -> SampleOutput:
+        """Left-to-right sampling (full recomputation per token; the baseline needs no KV cache)."""
+        generator = self._generator(seed, generator)
+        length = length or self.config.max_seq_len
+        if length > self.config.max_seq_len:
+            raise ValueError(f"length {length} exceeds max_seq_len {self.config.max_seq_len}")
+        tokens = self._prefix_tensor(prefix, num_samples)
+        if tokens.shape[1] == 0:
+            if self.config.bos_token_id is None:
+                raise ValueError("the AR model needs a prefix or a bos_token_id to start from")
+            tokens = torch.full((num_samples, 1), self.config.bos_token_id, dtype=torch.long, device=self.device)
+        was_training = self.training
+        self.eval()
+        passes = 0
+        try:
+            while tokens.shape[1] < length:
+                logits = self.backbone(tokens)[:, -1].float()
+                if self.config.mask_token_id is not None:
+                    logits[:, self.config.mask_token_id] = float("-inf")
+                probs = top_p_filter(torch.softmax(logits.to(resolve_dtype(dtype)), dim=-1), top_p)
+                tokens = torch.cat((tokens, sample_categorical(probs, dtype=dtype, generator=generator)[:, None]), 1)
+                passes += 1
+        finally:
+            self.train(was_training)
+        return SampleOutput(tokens=tokens, num_forward_passes=passes)
+
+    def generate(self, prompt: str | None = None, *, num_samples: int = 1, length: int | None = None,
+                 **sample_kwargs: Any) -> list[str]:
+        prefix = self.encode_prompt(prompt) if prompt else None
+        return self.decode(self.sample(num_samples, length, prefix=prefix, **sample_kwargs).tokens)
+
+
+def build_model(config: ModelConfig, noise: NoiseConfig | None = None,
+                tokenizer: Tokenizer | None = None) -> MDLM | ARModel:
+    """The model class that ``config.kind`` names."""
+    if config.kind == "ar":
+        return ARModel(config, tokenizer=tokenizer)
+    return MDLM(config, noise=noise, tokenizer=tokenizer)
+
+
+def load_pretrained(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> MDLM | ARModel:
+    """Load whichever model (MDLM or AR) a ``save_pretrained`` directory holds."""
+    parts = read_model_dir(path, map_location)
+    cls = MDLM if parts["model_type"] == "mdlm" else ARModel
+    return cls._from_parts(parts)

@@ -1,0 +1,1 @@
+"""Model backbones (tensors in, logits out; nothing distributed)."""

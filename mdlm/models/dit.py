@@ -1,0 +1,180 @@
+"""Diffusion transformer (DiT) backbone used by MDLM, and in causal mode by the autoregressive baseline.
+
+Tokens -> embedding -> N blocks (rotary self-attention and GELU-tanh MLP, each wrapped in adaLN-zero
+modulation by a time embedding) -> adaLN final layer -> untied linear head -> logits.
+The module sees tensors only: no tokenizer, no noise schedule, no distribution.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mdlm.config import ModelConfig
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm without bias, computed in float32 whatever the input dtype."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.dim = dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            y = F.layer_norm(x.float(), (self.dim,)) * self.weight.float()
+        return y.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for rotary position embeddings (rotate-half convention)."""
+
+    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        positions = torch.arange(seq_len, device=device, dtype=torch.float32)
+        freqs = torch.outer(positions, self.inv_freq.to(device))
+        angles = torch.cat((freqs, freqs), dim=-1)  # [L, head_dim]
+        return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x`` [B, H, L, Dh] by position; computed in float32."""
+    half = x.shape[-1] // 2
+    xf = x.float()
+    rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of scalar times ``t`` [B] -> [B, dim]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat((torch.cos(args), torch.sin(args)), dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of t followed by a 2-layer SiLU MLP."""
+
+    def __init__(self, cond_dim: int, frequency_dim: int = 256) -> None:
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+
+    def forward(self, t: Tensor) -> Tensor:
+        return self.mlp(timestep_embedding(t, self.frequency_dim).to(self.mlp[0].weight.dtype))
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1.0 + scale) + shift
+
+
+class DiTBlock(nn.Module):
+    """Pre-norm transformer block with adaLN-zero modulation (6 x dim, zero-initialised)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        dim = config.hidden_size
+        self.n_heads = config.n_heads
+        self.dropout = config.dropout
+        self.norm1 = LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.attn_out = nn.Linear(dim, dim, bias=False)
+        self.norm2 = LayerNorm(dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, config.mlp_ratio * dim),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(config.mlp_ratio * dim, dim),
+        )
+        self.adaln = nn.Linear(config.cond_dim, 6 * dim)
+        nn.init.zeros_(self.adaln.weight)
+        nn.init.zeros_(self.adaln.bias)
+
+    def forward(self, x: Tensor, c: Tensor, rotary: tuple[Tensor, Tensor], attn_mask: Tensor | None,
+                causal: bool) -> Tensor:
+        b, n, d = x.shape
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaln(c)[:, None, :].chunk(6, dim=-1)
+
+        h = modulate(self.norm1(x), shift_a, scale_a)
+        q, k, v = self.qkv(h).view(b, n, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal and attn_mask is None)
+        attn = attn.transpose(1, 2).reshape(b, n, d)
+        x = x + gate_a * F.dropout(self.attn_out(attn), self.dropout, self.training)
+
+        h = modulate(self.norm2(x), shift_m, scale_m)
+        return x + gate_m * F.dropout(self.mlp(h), self.dropout, self.training)
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm and the untied output projection, both zero-initialised."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.norm = LayerNorm(config.hidden_size)
+        self.adaln = nn.Linear(config.cond_dim, 2 * config.hidden_size)
+        self.linear = nn.Linear(config.hidden_size, config.vocab_size)
+        for layer in (self.adaln, self.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.adaln(c)[:, None, :].chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """The backbone: ``forward(input_ids [B, L], t [B] | None) -> logits [B, L, V]``.
+
+    With ``config.time_conditioning`` off (the paper's default for MDLM) the time input is zeroed, so the
+    adaLN modulation is a learned constant. ``causal=True`` gives the autoregressive baseline.
+    """
+
+    def __init__(self, config: ModelConfig, causal: bool = False) -> None:
+        super().__init__()
+        self.config = config
+        self.causal = causal
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        nn.init.kaiming_uniform_(self.embed.weight, a=math.sqrt(5))
+        self.time_embed = TimestepEmbedder(config.cond_dim)
+        self.rotary = RotaryEmbedding(config.hidden_size // config.n_heads, config.rope_base)
+        self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.n_layers))
+        self.final = FinalLayer(config)
+
+    def forward(self, input_ids: Tensor, t: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
+        b, n = input_ids.shape
+        if n > self.config.max_seq_len:
+            raise ValueError(f"sequence length {n} exceeds model max_seq_len {self.config.max_seq_len}")
+        x = self.embed(input_ids)
+        if t is None or not self.config.time_conditioning:
+            t = torch.zeros(b, device=input_ids.device)
+        c = F.silu(self.time_embed(t))
+        rotary = self.rotary(n, input_ids.device)
+        attn_mask = self._attention_mask(attention_mask, n, input_ids.device)
+        for block in self.blocks:
+            x = block(x, c, rotary, attn_mask, self.causal)
+        return self.final(x, c)
+
+    def _attention_mask(self, attention_mask: Tensor | None, n: int, device: torch.device) -> Tensor | None:
+        """Boolean [B, 1, L, L] mask hiding padded keys (and future keys when causal); None if not needed."""
+        if attention_mask is None or bool(attention_mask.all()):
+            return None
+        keep = attention_mask.bool()[:, None, None, :]
+        if self.causal:
+            keep = keep & torch.ones(n, n, dtype=torch.bool, device=device).tril()
+        # A query whose every key is hidden would give NaN; let padded queries see themselves.
+        return keep | torch.eye(n, dtype=torch.bool, device=device)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        total = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            total -= self.embed.weight.numel()
+        return total

@@ -1,0 +1,1 @@
+"""Categorical draws and masked-diffusion samplers."""

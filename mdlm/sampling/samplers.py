@@ -1,0 +1,170 @@
+"""Samplers for masked diffusion: ancestral, cached ancestral, first-hitting, semi-autoregressive.
+
+Every sampler starts from a template z [B, L] holding [MASK] where tokens are to be generated and the
+given tokens elsewhere (a prefix, or the known parts of an infill); given positions never change.
+``denoise(z, t)`` returns x_theta(z, t) as SUBS log-probabilities [B, L, V].
+
+Ancestral step t -> s (MDLM Eq. 7 with SUBS): a masked position stays masked with probability
+(1 - alpha_s) / (1 - alpha_t) and otherwise takes a token drawn from x_theta. It is drawn here in two
+stages (unmask or not, then which token), the same distribution as one categorical over V + 1 outcomes,
+so that a step in which nothing unmasks costs no vocabulary-sized work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mdlm.diffusion.schedules import NoiseSchedule
+from mdlm.sampling.categorical import resolve_dtype, sample_categorical, top_p_filter
+
+Denoise = Callable[[Tensor, Tensor], Tensor]  # (z [B, L], t [B]) -> SUBS log-probs [B, L, V]
+StepCallback = Callable[[int, Tensor], None]  # (step index, current z [B, L])
+
+SAMPLERS = ("ancestral", "cached", "first_hitting")
+
+
+@dataclass
+class SampleOutput:
+    tokens: Tensor  # [B, L]
+    num_forward_passes: int
+
+
+def _rand(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+          generator: torch.Generator | None) -> Tensor:
+    where = generator.device if generator is not None else device
+    return torch.rand(shape, dtype=dtype, device=where, generator=generator).to(device)
+
+
+def _token_probs(log_probs: Tensor, top_p: float, dtype: torch.dtype) -> Tensor:
+    return top_p_filter(log_probs.to(dtype).exp(), top_p)
+
+
+def reverse_unmask_prob(schedule: NoiseSchedule, s: Tensor, t: Tensor) -> Tensor:
+    """(alpha_s - alpha_t) / (1 - alpha_t): chance that a position masked at t is unmasked at s < t."""
+    return (schedule.alpha(s) - schedule.alpha(t)) / schedule.mask_prob(t)
+
+
+@torch.no_grad()
+def ancestral_sample(denoise: Denoise, z: Tensor, schedule: NoiseSchedule, mask_id: int, *, steps: int,
+                     cache: bool = False, top_p: float = 1.0, dtype: str | torch.dtype = torch.float64,
+                     generator: torch.Generator | None = None, callback: StepCallback | None = None) -> SampleOutput:
+    """Ancestral sampling on the uniform grid t_i = 1 - i / steps, ending at t = 0 with nothing masked.
+
+    ``cache=True`` reuses x_theta while z is unchanged (valid only without time conditioning): the same
+    draws as without it under one seed, and at most min(steps, number of masked tokens) forward passes.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    dtype = resolve_dtype(dtype)
+    z = z.clone()
+    batch = z.shape[0]
+    times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    probs: Tensor | None = None
+    passes = 0
+    for i in range(steps):
+        masked = z == mask_id
+        if not masked.any():
+            break
+        t, s = times[i], times[i + 1]
+        if probs is None or not cache:
+            probs = _token_probs(denoise(z, t.expand(batch).to(z.device, torch.float32)), top_p, dtype)
+            passes += 1
+        p_unmask = reverse_unmask_prob(schedule, s, t).item()
+        unmask = masked & (_rand(tuple(z.shape), dtype, z.device, generator) < p_unmask)
+        if unmask.any():
+            z[unmask] = sample_categorical(probs[unmask], dtype=dtype, generator=generator)
+            probs = None if cache else probs
+        if callback is not None:
+            callback(i, z)
+    return SampleOutput(tokens=z, num_forward_passes=passes)
+
+
+@torch.no_grad()
+def first_hitting_sample(denoise: Denoise, z: Tensor, schedule: NoiseSchedule, mask_id: int, *,
+                         top_p: float = 1.0, dtype: str | torch.dtype = torch.float64,
+                         generator: torch.Generator | None = None,
+                         callback: StepCallback | None = None) -> SampleOutput:
+    """First-hitting sampler (Zheng et al. 2024): exact, one token per forward pass.
+
+    With n masked positions at time t, the time of the next unmasking is s with
+    1 - alpha_s = (1 - alpha_t) v^(1/n), v ~ U(0, 1); one masked position, uniformly chosen, then takes a
+    token from x_theta(z, s). The cost is the number of masked tokens, whatever the step count.
+    """
+    dtype = resolve_dtype(dtype)
+    z = z.clone()
+    batch = z.shape[0]
+    t = torch.ones(batch, dtype=torch.float64, device=z.device)
+    passes = 0
+    while True:
+        masked = z == mask_id
+        n = masked.sum(dim=-1)
+        active = n > 0
+        if not active.any():
+            break
+        rows = active.nonzero().squeeze(-1)
+        v = _rand((rows.numel(),), torch.float64, z.device, generator)
+        s = schedule.inverse_mask_prob(schedule.mask_prob(t[rows]) * v ** (1.0 / n[rows].double()))
+        t[rows] = s
+        probs = _token_probs(denoise(z[rows], s.float()), top_p, dtype)
+        passes += 1
+        # Pick one masked position per active row uniformly: argmax of uniform keys over masked positions.
+        keys = _rand((rows.numel(), z.shape[1]), torch.float64, z.device, generator)
+        position = torch.where(masked[rows], keys, torch.full_like(keys, -1.0)).argmax(dim=-1)
+        picked = probs[torch.arange(rows.numel(), device=z.device), position]
+        z[rows, position] = sample_categorical(picked, dtype=dtype, generator=generator)
+        if callback is not None:
+            callback(passes - 1, z)
+    return SampleOutput(tokens=z, num_forward_passes=passes)
+
+
+def run_sampler(name: str, denoise: Denoise, z: Tensor, schedule: NoiseSchedule, mask_id: int, *, steps: int,
+                top_p: float = 1.0, dtype: str | torch.dtype = torch.float64,
+                generator: torch.Generator | None = None, callback: StepCallback | None = None,
+                allow_cache: bool = True) -> SampleOutput:
+    """Dispatch to a sampler by name: 'ancestral', 'cached' (ancestral with reuse) or 'first_hitting'."""
+    if name == "first_hitting":
+        return first_hitting_sample(denoise, z, schedule, mask_id, top_p=top_p, dtype=dtype, generator=generator,
+                                    callback=callback)
+    if name in ("ancestral", "cached"):
+        return ancestral_sample(denoise, z, schedule, mask_id, steps=steps, cache=name == "cached" and allow_cache,
+                                top_p=top_p, dtype=dtype, generator=generator, callback=callback)
+    raise ValueError(f"unknown sampler {name!r}; available: {', '.join(SAMPLERS)}")
+
+
+def semi_autoregressive_sample(sample_block: Callable[[Tensor], SampleOutput], prefix: Tensor, total_length: int,
+                               block_length: int, stride: int, mask_id: int,
+                               callback: Callable[[Tensor], None] | None = None) -> SampleOutput:
+    """Generate ``total_length`` tokens beyond the block length (MDLM Sec. 4.2 / Alg. 2).
+
+    The first window holds ``prefix`` [B, P] and masks up to ``block_length``; each further round keeps the
+    last ``block_length - stride`` tokens as context and appends ``stride`` new masked positions.
+    ``sample_block(z)`` fills one window; ``callback(tokens)`` sees the sequence after each round.
+    """
+    if not 0 < stride < block_length:
+        raise ValueError(f"stride must be in (0, block_length={block_length}), got {stride}")
+    batch, given = prefix.shape
+    if given >= block_length:
+        raise ValueError(f"prefix of {given} tokens leaves no room in a block of {block_length}")
+    if total_length <= given:
+        raise ValueError(f"length {total_length} must exceed the prefix length {given}")
+    first = min(block_length, total_length)
+    window = torch.full((batch, first), mask_id, dtype=prefix.dtype, device=prefix.device)
+    window[:, :given] = prefix
+    out = sample_block(window)
+    tokens, passes = out.tokens, out.num_forward_passes
+    if callback is not None:
+        callback(tokens)
+    context = block_length - stride
+    while tokens.shape[1] < total_length:
+        new = min(stride, total_length - tokens.shape[1])
+        masks = torch.full((batch, new), mask_id, dtype=prefix.dtype, device=prefix.device)
+        out = sample_block(torch.cat((tokens[:, -context:], masks), dim=1))
+        tokens = torch.cat((tokens, out.tokens[:, -new:]), dim=1)
+        passes += out.num_forward_passes
+        if callback is not None:
+            callback(tokens)
+    return SampleOutput(tokens=tokens, num_forward_passes=passes)

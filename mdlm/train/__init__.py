@@ -1,0 +1,1 @@
+"""Training components (optimizer, schedules, EMA, loops)."""
