@@ -143,7 +143,7 @@ class _SigmaSchedule(NoiseSchedule):
     def mask_prob(self, t: Tensor) -> Tensor:
         s = self.sigma(_f64(t))
         # exp(-s0) - exp(-s) = exp(-s0) * (-expm1(-(s - s0)))
-        return torch.exp(-self._s0 - self._log_z) * (-torch.expm1(-(s - self._s0)))
+        return math.exp(-self._s0 - self._log_z) * (-torch.expm1(-(s - self._s0)))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(sigma_min={self.sigma_min}, sigma_max={self.sigma_max})"

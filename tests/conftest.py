@@ -1,0 +1,24 @@
+import pytest
+import torch
+
+from mdlm.config import model_config_for
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)
+
+
+def perturb_(module: torch.nn.Module, scale: float = 0.2, seed: int = 0) -> torch.nn.Module:
+    """Give every parameter random values (the adaLN and output layers start at zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return module
+
+
+@pytest.fixture
+def tiny_config():
+    return model_config_for("cpu", vocab_size=32, mask_token_id=31, max_seq_len=16, dropout=0.0, n_layers=2,
+                            hidden_size=64, n_heads=4, cond_dim=32)
