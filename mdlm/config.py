@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -137,7 +138,7 @@ class TrainingConfig:
             if not 0.0 <= getattr(self, name) < 1.0 + (name == "min_lr_ratio"):
                 raise ConfigError(f"{prefix}.{name}: {getattr(self, name)} is out of range")
         for name in ("warmup_steps", "weight_decay", "grad_clip", "adam_eps"):
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:  # also rejects NaN
                 raise ConfigError(f"{prefix}.{name}: must be >= 0, got {getattr(self, name)}")
 
 
@@ -222,7 +223,7 @@ class Config:
 def _positive(obj: Any, prefix: str, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
-        if value <= 0:
+        if not value > 0:  # also rejects NaN
             raise ConfigError(f"{prefix}.{name}: must be > 0, got {value}")
 
 
@@ -262,14 +263,19 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if annotation is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if annotation is str:
         if isinstance(value, str):
             return value
@@ -325,8 +331,9 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def read_preset(name_or_path: str | Path) -> dict[str, Any]:
-    """Load a preset by name (``mdlm/presets/NAME.yaml``) or by file path; ``base:`` chains presets."""
+def read_preset(name_or_path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Load a preset by name (``mdlm/presets/NAME.yaml``) or by file path; ``base:`` chains presets
+    (a relative ``base:`` path is resolved next to the file that names it)."""
     path = Path(name_or_path)
     if not path.suffix:
         path = PRESET_DIR / f"{name_or_path}.yaml"
@@ -340,10 +347,16 @@ def read_preset(name_or_path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    path = path.resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: 'base:' chain loops back to this file")
     parent = data.pop("base", None)
     if parent is None:
         return data
-    return _deep_merge(read_preset(parent), data)
+    parent_path = Path(str(parent))
+    if parent_path.suffix and not parent_path.is_absolute():
+        parent_path = path.parent / parent_path
+    return _deep_merge(read_preset(parent_path if parent_path.suffix else str(parent), (*_seen, path)), data)
 
 
 def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:

@@ -35,6 +35,7 @@ def write_model_dir(path: str | os.PathLike[str], *, model_type: str, model_conf
     target = Path(path).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
     try:
         config = {
             "model_type": model_type,
@@ -49,7 +50,6 @@ def write_model_dir(path: str | os.PathLike[str], *, model_type: str, model_conf
         if tokenizer is not None:
             tokenizer.save(str(tmp / TOKENIZER_NAME))
         if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
             target.rename(old)
             tmp.rename(target)
             shutil.rmtree(old, ignore_errors=True)
@@ -57,6 +57,8 @@ def write_model_dir(path: str | os.PathLike[str], *, model_type: str, model_conf
             tmp.rename(target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not target.exists():
+            old.rename(target)  # put the previous model back
         raise
     return target
 

@@ -141,7 +141,8 @@ def test_override_int():
     assert config.model.hidden_size == 256 and type(config.model.hidden_size) is int
 
 
-@pytest.mark.parametrize(("text", "expected"), [("1e-3", 1e-3), ("1.0e-3", 1e-3), ("0.002", 0.002), ("1", 1.0)])
+@pytest.mark.parametrize(("text", "expected"),
+                         [("1e-3", 1e-3), ("1.0e-3", 1e-3), ("0.002", 0.002), ("1", 1.0)])
 def test_override_float(text, expected):
     config = load_config(None, [f"training.lr={text}"])
     assert config.training.lr == expected
@@ -279,8 +280,9 @@ def test_semantic_checks_name_key(overrides, key):
 
 
 def test_semantic_boundaries_accepted():
-    config = load_config(None, ["data.block_size=3", "sampling.top_p=1.0", "training.global_batch_size=64",
-                                "training.micro_batch_size=32", "sampling.length=2048", "sampling.stride=512"])
+    config = load_config(None, ["data.block_size=3", "sampling.top_p=1.0",
+                                "training.global_batch_size=64", "training.micro_batch_size=32",
+                                "sampling.length=2048", "sampling.stride=512"])
     assert config.data.block_size == 3 and config.sampling.length == 2048
 
 
@@ -326,3 +328,15 @@ def test_model_config_for_changes_and_errors():
         model_config_for("cpu", hiden_size=3)
     with pytest.raises(ConfigError, match=r"model\.mask_token_id"):
         model_config_for("cpu", vocab_size=64, mask_token_id=64)
+
+
+def test_nan_learning_rate_is_rejected():
+    with pytest.raises(ConfigError, match=r"training\.lr"):
+        load_config(None, ["training.lr=nan"])
+
+
+def test_base_cycle_raises_config_error(tmp_path):
+    (tmp_path / "a.yaml").write_text(f"base: {tmp_path / 'b.yaml'}\n")
+    (tmp_path / "b.yaml").write_text(f"base: {tmp_path / 'a.yaml'}\n")
+    with pytest.raises(ConfigError, match="base"):
+        load_config(tmp_path / "a.yaml")

@@ -86,7 +86,7 @@ def test_shadow_matches_hand_computed_ema():
         with torch.no_grad():
             model.weight.copy_(torch.tensor([values]))
         d = min(decay, (1 + n) / (10 + n))
-        expected = [d * s + (1 - d) * v for s, v in zip(expected, values)]
+        expected = [d * s + (1 - d) * v for s, v in zip(expected, values, strict=True)]
         ema.update(model)
         got = ema.shadow["weight"][0].tolist()
         assert got == pytest.approx(expected, rel=1e-5, abs=1e-6), n

@@ -165,7 +165,7 @@ def test_missing_directory_raises(tmp_path):
 
 def test_missing_config_raises(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
         mdlm.load_pretrained(tmp_path / "empty")
 
 
@@ -209,7 +209,7 @@ def test_bad_model_type_raises(tmp_path):
 def test_missing_weights_raise(tmp_path):
     _mdlm().save_pretrained(tmp_path / "m")
     (tmp_path / "m" / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+    with pytest.raises(FileNotFoundError, match=r"model\.safetensors"):
         MDLM.from_pretrained(tmp_path / "m")
 
 
@@ -244,3 +244,24 @@ def test_save_pretrained_with_explicit_state_dict(tmp_path):
     loaded = MDLM.from_pretrained(tmp_path / "m")
     for name, tensor in other.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_failed_replace_keeps_previous_model(tmp_path, monkeypatch):
+    target = tmp_path / "m"
+    first = _mdlm(seed=1)
+    first.save_pretrained(target)
+    real_rename = type(target).rename
+
+    def flaky_rename(self, new):
+        if ".tmp-" in self.name:
+            raise OSError("simulated failure while moving the new model into place")
+        return real_rename(self, new)
+
+    monkeypatch.setattr(type(target), "rename", flaky_rename)
+    with pytest.raises(OSError, match="simulated"):
+        _mdlm(seed=2).save_pretrained(target)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["m"]
+    loaded = MDLM.from_pretrained(target)
+    head = "backbone.final.linear.weight"
+    assert torch.equal(loaded.state_dict()[head], first.state_dict()[head])

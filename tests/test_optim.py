@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -45,7 +46,7 @@ def test_cosine_decays_from_one_to_min_ratio():
     assert lr_multiplier(110, config) == pytest.approx(0.1)
     assert lr_multiplier(500, config) == pytest.approx(0.1)  # stays at the floor after max_steps
     values = [lr_multiplier(step, config) for step in range(10, 120)]
-    assert all(a >= b for a, b in zip(values, values[1:]))  # non-increasing after warm-up
+    assert all(a >= b for a, b in itertools.pairwise(values))  # non-increasing after warm-up
     assert min(values) >= 0.1 - 1e-12
 
 

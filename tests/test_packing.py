@@ -31,7 +31,7 @@ def _check_wrap(rows: PackedRows, docs: list[list[int]], block_size: int, bos: i
     stream = _stream(docs, eos)
     assert len(rows) == len(stream) // chunk
     assert len(rows.attention_mask) == len(rows.input_ids)
-    for row, mask in zip(rows.input_ids, rows.attention_mask):
+    for row, mask in zip(rows.input_ids, rows.attention_mask, strict=True):
         assert len(row) == block_size
         assert row[0] == bos and row[-1] == eos
         assert mask == [1] * block_size
@@ -118,7 +118,7 @@ def test_pad_properties(seed):
     block_size = rng.randrange(3, 16)
     rows = pack_pad(docs, block_size, BOS, EOS, PAD)
     assert len(rows) == len(docs)
-    for doc, row, mask in zip(docs, rows.input_ids, rows.attention_mask):
+    for doc, row, mask in zip(docs, rows.input_ids, rows.attention_mask, strict=True):
         assert len(row) == len(mask) == block_size
         kept = doc[:block_size - 2]
         n_real = len(kept) + 2

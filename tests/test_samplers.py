@@ -7,7 +7,12 @@ import torch
 from mdlm.diffusion.schedules import get_schedule
 from mdlm.modeling import MDLM
 from mdlm.sampling.categorical import sample_categorical, top_p_filter
-from mdlm.sampling.samplers import ancestral_sample, first_hitting_sample, run_sampler, semi_autoregressive_sample
+from mdlm.sampling.samplers import (
+    ancestral_sample,
+    first_hitting_sample,
+    run_sampler,
+    semi_autoregressive_sample,
+)
 from tests.conftest import perturb_
 
 # A toy language: 3 positions over tokens {0, 1, 2}, mask id 3, with a known joint distribution p(x).

@@ -3,7 +3,10 @@ quickstart and tests. The Ray Data pipeline does the same at scale."""
 
 from __future__ import annotations
 
+import glob
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
@@ -28,13 +31,13 @@ class InMemoryData:
 def load_documents(config: DataConfig) -> list[tuple[str, str]]:
     if config.source == DEFAULT_CORPUS:
         return shakespeare_documents()
-    from pathlib import Path
-
-    paths = sorted(Path().glob(config.source)) if any(c in config.source for c in "*?[") else [Path(config.source)]
+    pattern = os.path.expanduser(config.source)
+    paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) \
+        else [Path(pattern)]
     files = [p for p in paths if p.is_file()] + [f for p in paths if p.is_dir() for f in sorted(p.rglob("*.txt"))]
     if not files:
         raise FileNotFoundError(f"data.source: no text files found at {config.source!r}")
-    return [(str(p), text) for p, text in zip(files, read_documents(files, config.encoding))]
+    return [(str(p), text) for p, text in zip(files, read_documents(files, config.encoding), strict=True)]
 
 
 def prepare_in_memory(config: DataConfig, seed: int = 0) -> InMemoryData:

@@ -55,6 +55,7 @@ def shakespeare_documents(max_chars: int = 20000) -> list[tuple[str, str]]:
     """The default corpus as (key, text) documents: each work cut at blank lines into ~20k-character parts,
     so that a by-document split has enough parts for validation and test."""
     docs = []
-    for path, text in zip(shakespeare_files(), read_documents(shakespeare_files())):
+    files = shakespeare_files()
+    for path, text in zip(files, read_documents(files), strict=True):
         docs.extend((f"{path.stem}:{i}", piece) for i, piece in enumerate(split_text(text, max_chars)))
     return docs
