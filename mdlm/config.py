@@ -8,6 +8,7 @@ the defaults below, then a YAML preset (``cpu``, ``tiny``, ``small``, ``medium``
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
@@ -267,10 +268,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             number = float(value)
         elif isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-            try:
+            with contextlib.suppress(ValueError):
                 number = float(value)
-            except ValueError:
-                pass
         if number is None:
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         if not math.isfinite(number):
