@@ -15,7 +15,13 @@ from tokenizers import Tokenizer
 from torch import Tensor, nn
 
 from mdlm.config import ModelConfig, NoiseConfig
-from mdlm.diffusion.objective import LossOutput, diffusion_nelbo, next_token_nll, subs_log_probs
+from mdlm.diffusion.objective import (
+    LossOutput,
+    diffusion_nelbo,
+    next_token_nll,
+    subs_log_probs,
+    zero_masked_log_probs,
+)
 from mdlm.diffusion.schedules import get_schedule
 from mdlm.hub import read_model_dir, write_model_dir
 from mdlm.models.dit import DiT
@@ -181,7 +187,12 @@ class MDLM(_PretrainedModel):
                        generator: torch.Generator | None, callback: Callable[[int, Tensor], None] | None
                        ) -> SampleOutput:
         steps = steps or max(int((z == self.mask_id).sum(dim=-1).max()), 1)
-        return run_sampler(sampler, self.denoise, z, self.schedule, self.mask_id, steps=steps, top_p=top_p,
+        # Samplers only draw at masked positions and never touch the others (carry-over), so they get the
+        # zero-masked distribution without materialising the carried-over one-hots.
+        def denoise(z_t: Tensor, t: Tensor) -> Tensor:
+            return zero_masked_log_probs(self.backbone(z_t, t), self.mask_id)
+
+        return run_sampler(sampler, denoise, z, self.schedule, self.mask_id, steps=steps, top_p=top_p,
                            dtype=dtype, generator=generator, callback=callback,
                            allow_cache=not self.config.time_conditioning)
 

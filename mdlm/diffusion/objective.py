@@ -72,15 +72,20 @@ def forward_mask(x: Tensor, t: Tensor, schedule: NoiseSchedule, mask_id: int, *,
     return torch.where(masked, torch.full_like(x, mask_id), x)
 
 
+def zero_masked_log_probs(logits: Tensor, mask_id: int) -> Tensor:
+    """SUBS step (1), zero-masking: log-softmax in float32 with no probability on [MASK]."""
+    logits = logits.float().clone()
+    logits[..., mask_id] = float("-inf")
+    return torch.log_softmax(logits, dim=-1)
+
+
 def subs_log_probs(logits: Tensor, z_t: Tensor, mask_id: int) -> Tensor:
     """SUBS parameterization: log x_theta(z_t, t) in float32.
 
     (1) zero-masking: no probability on [MASK]; (2) carry-over unmasking: a position already unmasked
     in z_t keeps its token with probability 1.
     """
-    logits = logits.float().clone()
-    logits[..., mask_id] = float("-inf")
-    log_probs = torch.log_softmax(logits, dim=-1)
+    log_probs = zero_masked_log_probs(logits, mask_id)
     unmasked = z_t != mask_id
     carried = torch.full_like(log_probs, float("-inf"))
     carried.scatter_(-1, z_t.unsqueeze(-1), 0.0)

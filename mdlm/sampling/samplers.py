@@ -63,21 +63,23 @@ def ancestral_sample(denoise: Denoise, z: Tensor, schedule: NoiseSchedule, mask_
     z = z.clone()
     batch = z.shape[0]
     times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    probs: Tensor | None = None
+    log_probs: Tensor | None = None
     passes = 0
     for i in range(steps):
         masked = z == mask_id
         if not masked.any():
             break
         t, s = times[i], times[i + 1]
-        if probs is None or not cache:
-            probs = _token_probs(denoise(z, t.expand(batch).to(z.device, torch.float32)), top_p, dtype)
+        if log_probs is None or not cache:
+            log_probs = denoise(z, t.expand(batch).to(z.device, torch.float32))
             passes += 1
         p_unmask = reverse_unmask_prob(schedule, s, t).item()
         unmask = masked & (_rand(tuple(z.shape), dtype, z.device, generator) < p_unmask)
         if unmask.any():
-            z[unmask] = sample_categorical(probs[unmask], dtype=dtype, generator=generator)
-            probs = None if cache else probs
+            # Only the positions that unmask need their distribution in sampling precision.
+            z[unmask] = sample_categorical(_token_probs(log_probs[unmask], top_p, dtype), dtype=dtype,
+                                           generator=generator)
+            log_probs = None  # z changed: the cache is stale
         if callback is not None:
             callback(i, z)
     return SampleOutput(tokens=z, num_forward_passes=passes)
@@ -109,13 +111,13 @@ def first_hitting_sample(denoise: Denoise, z: Tensor, schedule: NoiseSchedule, m
         v = _rand((rows.numel(),), torch.float64, z.device, generator)
         s = schedule.inverse_mask_prob(schedule.mask_prob(t[rows]) * v ** (1.0 / n[rows].double()))
         t[rows] = s
-        probs = _token_probs(denoise(z[rows], s.float()), top_p, dtype)
-        passes += 1
-        # Pick one masked position per active row uniformly: argmax of uniform keys over masked positions.
+        # One masked position per active row, uniformly: argmax of uniform keys over masked positions.
         keys = _rand((rows.numel(), z.shape[1]), torch.float64, z.device, generator)
         position = torch.where(masked[rows], keys, torch.full_like(keys, -1.0)).argmax(dim=-1)
-        picked = probs[torch.arange(rows.numel(), device=z.device), position]
-        z[rows, position] = sample_categorical(picked, dtype=dtype, generator=generator)
+        log_probs = denoise(z[rows], s.float())
+        passes += 1
+        picked = log_probs[torch.arange(rows.numel(), device=z.device), position]
+        z[rows, position] = sample_categorical(_token_probs(picked, top_p, dtype), dtype=dtype, generator=generator)
         if callback is not None:
             callback(passes - 1, z)
     return SampleOutput(tokens=z, num_forward_passes=passes)

@@ -1,0 +1,195 @@
+"""One prepared GPU check: the paper's small MDLM (768/12/12, GPT-2 vocabulary) at length 1024 in bf16.
+
+Measures, in one run on one GPU:
+  * the bf16 matmul ceiling (8192^3), to put MFU in context;
+  * training-step throughput and MFU for eager autocast, torch.compile, and FSDP2 (world size 1,
+    MixedPrecisionPolicy bf16 params / fp32 reduce, per-block fully_shard then the root, per-block compile);
+  * sampler wall time at length 1024: ancestral vs cached vs first-hitting, batch 1 and 16, and cached at
+    steps = 10 x length vs steps = length.
+
+    python bench/gpu_check.py [--smoke] [--out results.json]
+
+``--smoke`` shrinks everything so the script can be checked on a CPU. Prints JSON lines; with ``--out`` the
+same records go to a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mdlm.config import NoiseConfig, model_config_for
+from mdlm.modeling import MDLM
+
+RECORDS: list[dict] = []
+STARTED = time.perf_counter()
+
+
+def emit(**record) -> None:
+    record["elapsed_s"] = round(time.perf_counter() - STARTED, 1)
+    RECORDS.append(record)
+    print(json.dumps(record), flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_ceiling(device: torch.device, n: int) -> float:
+    dtype = torch.bfloat16
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    reps = 10
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def flops_per_token(model: MDLM, seq_len: int) -> float:
+    """6 x (parameters in matmuls) + 12 x layers x width x length (attention), per trained token."""
+    c = model.config
+    matmul = sum(p.numel() for n, p in model.backbone.named_parameters() if p.dim() == 2 and "embed." not in n)
+    return 6 * matmul + 12 * c.n_layers * c.hidden_size * seq_len
+
+
+def train_throughput(name: str, model: MDLM, step_fn, batch: torch.Tensor, steps: int, warmup: int,
+                     peak: float, device: torch.device) -> None:
+    for _ in range(warmup):
+        step_fn(batch)
+    sync(device)
+    t = time.perf_counter()
+    losses = [step_fn(batch) for _ in range(steps)]
+    sync(device)
+    dt = (time.perf_counter() - t) / steps
+    tokens = batch.numel()
+    achieved = flops_per_token(model, batch.shape[1]) * tokens / dt
+    mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+    emit(section="train", variant=name, step_ms=round(dt * 1e3, 1), tokens_per_s=round(tokens / dt),
+         tflops=round(achieved / 1e12, 1), mfu_vs_measured_peak=round(achieved / peak, 3),
+         mfu_vs_989=round(achieved / 989e12, 3), loss_last=round(float(losses[-1]), 4), max_mem_gib=round(mem, 1))
+
+
+def make_step(model: MDLM, optimizer: torch.optim.Optimizer, autocast: bool, device: torch.device):
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def step(batch: torch.Tensor) -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with ctx:
+            loss = model.loss(batch, generator=generator).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        return loss.detach()
+
+    return step
+
+
+def build(size: str, seq_len: int, device: torch.device) -> MDLM:
+    torch.manual_seed(0)
+    config = model_config_for(size, vocab_size=50258, mask_token_id=50257, max_seq_len=seq_len)
+    return MDLM(config, NoiseConfig()).to(device)
+
+
+def section_train(args, device: torch.device, peak: float) -> None:
+    batch = torch.randint(0, 50257, (args.batch, args.seq_len), device=device)
+    fused = device.type == "cuda"
+    variants = ["eager", "compile", "fsdp2"] if not args.smoke else ["eager", "fsdp2"]
+    for variant in variants:
+        if time.perf_counter() - STARTED > args.budget_s * 0.6:
+            emit(section="train", variant=variant, skipped="time budget")
+            continue
+        try:
+            torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
+            model = build(args.size, args.seq_len, device)
+            if variant == "compile":
+                model.backbone = torch.compile(model.backbone)
+            if variant == "fsdp2":
+                from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+                if not torch.distributed.is_initialized():
+                    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+                    os.environ.setdefault("MASTER_PORT", "29517")
+                    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                                         rank=0, world_size=1)
+                policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                for i, block in enumerate(model.backbone.blocks):
+                    if not args.smoke:
+                        block.compile()
+                    fully_shard(block, mp_policy=policy, reshard_after_forward=i < len(model.backbone.blocks) - 1)
+                fully_shard(model.backbone, mp_policy=policy)  # the root: the module whose forward runs
+            optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=fused)
+            step = make_step(model, optimizer, autocast=variant != "fsdp2", device=device)
+            train_throughput(variant, model, step, batch, args.train_steps, args.warmup, peak, device)
+            del model, optimizer
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        except Exception as exc:  # keep measuring the other variants
+            emit(section="train", variant=variant, error=f"{type(exc).__name__}: {exc}"[:500])
+
+
+def section_sample(args, device: torch.device) -> None:
+    model = build(args.size, args.seq_len, device).eval()
+    length = args.seq_len
+    plan = [(1, "ancestral", length), (1, "cached", length), (1, "cached", 10 * length), (1, "first_hitting", length),
+            (16, "ancestral", length), (16, "cached", length), (16, "first_hitting", length)]
+    if args.smoke:
+        plan = [(b, s, n) for b, s, n in plan if b == 1]
+    for batch, sampler, steps in plan:
+        if time.perf_counter() - STARTED > args.budget_s:
+            emit(section="sample", sampler=sampler, batch=batch, steps=steps, skipped="time budget")
+            continue
+        try:
+            sync(device)
+            t = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                out = model.sample(batch, length, steps=steps, sampler=sampler, seed=0)
+            sync(device)
+            dt = time.perf_counter() - t
+            emit(section="sample", sampler=sampler, batch=batch, length=length, steps=steps, seconds=round(dt, 2),
+                 forward_passes=out.num_forward_passes, tokens_per_s=round(batch * length / dt),
+                 masks_left=int((out.tokens == model.mask_id).sum()))
+        except Exception as exc:
+            emit(section="sample", sampler=sampler, batch=batch, error=f"{type(exc).__name__}: {exc}"[:500])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, for a CPU check of the script")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--budget-s", type=float, default=420.0)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.size, args.seq_len, args.batch = ("small", 1024, 32) if not args.smoke else ("cpu", 64, 4)
+    args.train_steps, args.warmup = (10, 3) if not args.smoke else (2, 1)
+    emit(section="env", torch=torch.__version__, device=torch.cuda.get_device_name() if device.type == "cuda"
+         else "cpu", size=args.size, seq_len=args.seq_len, batch=args.batch)
+    peak = matmul_ceiling(device, 8192 if not args.smoke else 512)
+    emit(section="matmul", bf16_tflops=round(peak / 1e12, 1))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    section_train(args, device, peak)
+    section_sample(args, device)
+    if args.out:
+        args.out.write_text(json.dumps(RECORDS, indent=1))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
