@@ -170,16 +170,27 @@ class SamplingConfig:
 class DataConfig:
     """Corpus, tokenizer and packing."""
 
+    # 'shakespeare' (default corpus), a file, directory, glob or fsspec URL (file://, s3://, gs://) of
+    # .txt / .jsonl / .parquet files, or a Hugging Face dataset 'hf:NAME' / 'hf:NAME:CONFIG'
     source: str = "shakespeare"
-    text_field: str = "text"
+    format: Literal["auto", "text", "jsonl", "parquet"] = "auto"  # auto: by file extension
+    text_field: str = "text"  # jsonl field / parquet or Hugging Face column holding the text
     encoding: str = "utf-8"
+    hf_split: str = "train"  # the Hugging Face split to read (then split by document like any source)
+    max_document_chars: int = 20000  # text files are cut at blank lines into documents of about this size
+    max_files: int | None = None  # use only the first N files (sorted): quick runs
     tokenizer: str = "bpe"  # 'bpe' (train on the corpus), 'gpt2', 'bert-base-uncased', or a tokenizer.json path
     tokenizer_vocab_size: int = 1024
     block_size: int = 128
     packing: Literal["wrap", "pad"] = "wrap"
     validation_fraction: float = 0.05
     test_fraction: float = 0.05
+    seed: int = 0  # seed of the by-document split
     output_dir: str = "data/prepared"
+    num_workers: int | None = None  # tokenizer actors (None: one per CPU of the Ray cluster)
+    batch_size: int = 64  # documents per tokenizer call
+    file_size_mb: float = 64.0  # uncompressed size of each output parquet file
+    force: bool = False  # re-prepare even if output_dir holds the same data
 
     def validate(self, prefix: str = "data") -> None:
         if self.block_size < 3:
@@ -190,6 +201,58 @@ class DataConfig:
                 raise ConfigError(f"{prefix}.{name}: {getattr(self, name)} is not in [0, 1)")
         if self.validation_fraction + self.test_fraction >= 1.0:
             raise ConfigError(f"{prefix}.test_fraction: validation + test fractions leave no training data")
+        _positive(self, prefix, "max_document_chars", "batch_size", "file_size_mb")
+        for name in ("max_files", "num_workers"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"{prefix}.{name}: must be > 0, got {getattr(self, name)}")
+        for name in ("source", "text_field", "output_dir", "tokenizer", "hf_split"):
+            if not getattr(self, name).strip():
+                raise ConfigError(f"{prefix}.{name}: may not be empty")
+        import codecs
+
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise ConfigError(f"{prefix}.encoding: unknown encoding {self.encoding!r}") from None
+
+
+@dataclass
+class RunConfig:
+    """Where and how a distributed training run executes (Ray Train, MLflow, checkpoints)."""
+
+    name: str = "mdlm"
+    storage_path: str = "runs/ray"  # local path or any pyarrow/fsspec URL (s3://, gs://, ...)
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5  # fractional on CPU so Ray Data ingest is not starved
+    threads_per_worker: int | None = None  # torch intra-op threads per worker (None: Ray's OMP_NUM_THREADS)
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    max_failures: int = 2
+    eval_every: int = 0  # 0: only at the end
+    eval_batches: int = 20
+    shuffle_buffer: int = 1024  # rows in each worker's seeded local shuffle buffer (0: stream order)
+    activation_checkpointing: bool = False
+    compile: bool = False
+    mlflow_experiment: str = "mdlm"
+    registered_model: str | None = "mdlm"
+    model_alias: str = "current"
+    export_dir: str | None = None  # default: <storage_path>/<name>/model
+    resume_from: str | None = None
+    fail_at_step: int | None = None  # fault injection: raise once at this step (tests worker recovery)
+
+    def validate(self, prefix: str = "run") -> None:
+        _positive(self, prefix, "num_workers", "cpus_per_worker", "checkpoint_every", "keep_checkpoints",
+                  "eval_batches")
+        if not self.name or any(c in self.name for c in "/\\ "):
+            raise ConfigError(f"{prefix}.name: {self.name!r} must be a non-empty name without slashes or spaces")
+        if self.max_failures < -1:
+            raise ConfigError(f"{prefix}.max_failures: must be >= -1 (-1: retry forever), got {self.max_failures}")
+        for name in ("eval_every", "shuffle_buffer"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{prefix}.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.model_alias.lower() == "latest":
+            raise ConfigError(f"{prefix}.model_alias: 'latest' is reserved by MLflow")
 
 
 @dataclass
@@ -199,6 +262,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> Config:
         for f in fields(self):

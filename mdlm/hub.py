@@ -63,9 +63,34 @@ def write_model_dir(path: str | os.PathLike[str], *, model_type: str, model_conf
     return target
 
 
+def resolve_model_dir(uri: str | os.PathLike[str]) -> Path:
+    """A local directory for ``uri``: a local path as is; an MLflow URI (``models:/NAME@ALIAS``,
+    ``models:/NAME/VERSION``, ``runs:/ID/model``) downloaded by MLflow (tracking URI from
+    ``MLFLOW_TRACKING_URI``); any other fsspec URL (``s3://``, ``gs://``, ``file://``...) copied to a temp dir."""
+    text = str(uri)
+    if text.startswith(("models:/", "runs:/")):
+        import mlflow
+
+        return Path(mlflow.artifacts.download_artifacts(text))
+    if "://" in text:
+        import fsspec
+
+        fs, remote = fsspec.core.url_to_fs(text)
+        if not fs.isdir(remote):
+            raise FileNotFoundError(f"model directory not found: {text}")
+        local = Path(tempfile.mkdtemp(prefix="mdlm-model-"))
+        for name in (CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_NAME):
+            source = f"{remote.rstrip('/')}/{name}"
+            if fs.exists(source):
+                fs.get(source, str(local / name))
+        return local
+    return Path(text)
+
+
 def read_model_dir(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read and validate a model directory: config sections, weights (safetensors) and tokenizer."""
-    root = Path(path)
+    """Read and validate a model directory (local path or URI, see ``resolve_model_dir``): config sections,
+    weights (safetensors) and tokenizer."""
+    root = resolve_model_dir(path)
     config_path = root / CONFIG_NAME
     if not root.is_dir():
         raise FileNotFoundError(f"model directory not found: {root}")

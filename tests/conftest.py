@@ -1,5 +1,11 @@
+import os
+
 import pytest
 import torch
+
+# Tests never phone home: MLflow telemetry off, no Ray usage stats.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from mdlm.config import model_config_for
 

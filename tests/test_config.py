@@ -12,6 +12,7 @@ from mdlm.config import (
     DataConfig,
     ModelConfig,
     NoiseConfig,
+    RunConfig,
     SamplingConfig,
     TrainingConfig,
     config_from_dict,
@@ -22,7 +23,7 @@ from mdlm.config import (
 )
 
 SECTIONS = {"model": ModelConfig, "noise": NoiseConfig, "training": TrainingConfig,
-            "sampling": SamplingConfig, "data": DataConfig}
+            "sampling": SamplingConfig, "data": DataConfig, "run": RunConfig}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from mdlm.config import DataConfig
 from mdlm.data.packing import PackedRows, WrapPacker, pack_pad
 from mdlm.data.sources import DEFAULT_CORPUS, read_documents, shakespeare_documents
 from mdlm.data.splits import assign_split
-from mdlm.data.tokenizer import SpecialTokens, load_tokenizer, special_tokens, train_bpe
+from mdlm.data.tokenizer import SpecialTokens, special_tokens, tokenizer_from_spec, train_bpe
 
 SPLITS = ("train", "validation", "test")
 
@@ -50,7 +50,7 @@ def prepare_in_memory(config: DataConfig, seed: int = 0) -> InMemoryData:
     if config.tokenizer == "bpe":
         tokenizer = train_bpe(by_split["train"], config.tokenizer_vocab_size)
     else:
-        tokenizer = load_tokenizer(config.tokenizer)
+        tokenizer = tokenizer_from_spec(config.tokenizer)
     special = special_tokens(tokenizer)
     ids: dict[str, torch.Tensor] = {}
     masks: dict[str, torch.Tensor] = {}

@@ -7,12 +7,17 @@ remainder of a stream (shorter than one chunk) is dropped.
 
 ``pad`` (MDLM's LM1B setup): each document becomes one row, [BOS] + tokens + [EOS], truncated or padded
 to block_size, with an attention mask that is 0 on padding.
+
+``ArrayWrapPacker`` and ``pack_pad_arrays`` produce exactly the same rows from numpy arrays (documents as one
+flat token array plus their lengths), vectorised for the Ray Data pipeline.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 
 @dataclass
@@ -75,3 +80,55 @@ def pack_pad(documents: Iterable[Sequence[int]], block_size: int, bos_id: int, e
         rows.input_ids.append(ids + [pad_id] * pad)
         rows.attention_mask.append([1] * len(ids) + [0] * pad)
     return rows
+
+
+def with_eos(values: np.ndarray, lengths: np.ndarray, eos_id: int) -> np.ndarray:
+    """The token stream of documents (``values`` concatenated, ``lengths`` each) with [EOS] after each one."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    eos_at = np.cumsum(lengths + 1) - 1
+    out = np.empty(len(values) + len(lengths), dtype=np.int32)
+    is_token = np.ones(len(out), dtype=bool)
+    is_token[eos_at] = False
+    out[is_token] = values
+    out[eos_at] = eos_id
+    return out
+
+
+class ArrayWrapPacker:
+    """:class:`WrapPacker` on numpy arrays: same rows, same carried remainder, vectorised."""
+
+    def __init__(self, block_size: int, bos_id: int, eos_id: int) -> None:
+        _check_block(block_size)
+        self.block_size, self.bos_id, self.eos_id = block_size, bos_id, eos_id
+        self.buffer = np.empty(0, dtype=np.int32)
+
+    def add(self, values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Full rows ``[n, block_size]`` (int32) from these documents plus the carried remainder."""
+        chunk = self.block_size - 2
+        stream = np.concatenate([self.buffer, with_eos(values, lengths, self.eos_id)])
+        n = len(stream) // chunk
+        rows = np.empty((n, self.block_size), dtype=np.int32)
+        rows[:, 0] = self.bos_id
+        rows[:, -1] = self.eos_id
+        rows[:, 1:-1] = stream[:n * chunk].reshape(n, chunk)
+        self.buffer = stream[n * chunk:].copy()
+        return rows
+
+
+def pack_pad_arrays(values: np.ndarray, lengths: np.ndarray, block_size: int, bos_id: int, eos_id: int,
+                    pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`pack_pad` on numpy arrays: ``input_ids`` (int32) and ``attention_mask`` (int8), ``[n, block_size]``."""
+    _check_block(block_size)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    n = len(lengths)
+    starts = np.cumsum(lengths) - lengths
+    keep = np.minimum(lengths, block_size - 2)
+    ids = np.full((n, block_size), pad_id, dtype=np.int32)
+    ids[:, 0] = bos_id
+    columns = np.arange(block_size - 2)
+    take = columns[None, :] < keep[:, None]
+    middle = ids[:, 1:-1]
+    middle[take] = np.asarray(values)[(starts[:, None] + columns[None, :])[take]]
+    ids[np.arange(n), keep + 1] = eos_id
+    mask = (np.arange(block_size)[None, :] <= (keep + 1)[:, None]).astype(np.int8)
+    return ids, mask

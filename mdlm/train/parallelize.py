@@ -61,3 +61,12 @@ def parallelize(model: MDLM | ARModel, plan: ParallelPlan, mesh=None) -> MDLM | 
             fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
         fully_shard(model.backbone, mesh=mesh, mp_policy=policy, reshard_after_forward=plan.reshard_after_forward)
     return model
+
+
+def reshard(model: nn.Module) -> None:
+    """Return every FSDP2 module to its sharded state (an eval forward can leave some unsharded)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

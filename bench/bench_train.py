@@ -1,0 +1,112 @@
+"""Training throughput: the Ray Train job (FSDP2 across workers) vs a plain single-process PyTorch loop of the
+same model, global batch and cores, measured in one run and printed as a ratio.
+
+    python bench/bench_train.py [--steps 40] [--workers 2] [a.b=value overrides]
+
+Both sides train the 'cpu-ray' preset model on the same synthetic token rows for the same number of optimizer
+steps; tokens/s counts every trained token from the first step to the last (start-up excluded on both sides:
+process-group and Ray Data start-up are outside the timed loop). MFU = tokens/s x training FLOPs per token /
+the matmul ceiling of the cores, measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mdlm.config import load_config
+from mdlm.modeling import build_model
+from mdlm.train.launcher import fit
+from mdlm.train.loop import matmul_flops_per_token, model_config_for_data
+from mdlm.train.optim import build_optimizer, build_scheduler
+
+VOCAB = 1024
+
+
+def data_fields(block: int) -> dict:
+    return {"vocab_size": VOCAB, "mask_token_id": VOCAB - 1, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 1,
+            "block_size": block}
+
+
+def plain_loop(config, rows: np.ndarray, steps: int, threads: int) -> float:
+    """Single process, ``threads`` intra-op threads; returns tokens/s over the timed steps."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(config.training.seed)
+    model = build_model(model_config_for_data(config.model, data_fields(rows.shape[1])), config.noise)
+    optimizer = build_optimizer(model, config.training)
+    scheduler = build_scheduler(optimizer, config.training)
+    batch = config.training.global_batch_size
+    x = torch.as_tensor(rows.astype(np.int64))
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    start = time.perf_counter()
+    for step in range(steps):
+        idx = torch.arange(step * batch, (step + 1) * batch) % len(x)
+        optimizer.zero_grad(set_to_none=True)
+        model.loss(x[idx], generator=generator).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.training.grad_clip)
+        optimizer.step()
+        scheduler.step()
+    return steps * batch * rows.shape[1] / (time.perf_counter() - start)
+
+
+def matmul_ceiling(threads: int) -> float:
+    torch.set_num_threads(threads)
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    return 2 * 1024**3 * 10 / (time.perf_counter() - start)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--cpus", type=int, default=2, help="cores given to each side")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="mdlm-bench-") as tmp:
+        config = load_config("cpu-ray", [f"training.max_steps={args.steps}", "training.log_every=1000",
+                                         f"run.num_workers={args.workers}", f"run.checkpoint_every={10 * args.steps}",
+                                         "run.cpus_per_worker=0.5", "run.shuffle_buffer=0",
+                                         f"run.threads_per_worker={max(args.cpus // args.workers, 1)}",
+                                         "training.ema_decay=0", f"run.storage_path={tmp}/ray", "run.name=bench",
+                                         *args.overrides])
+        block = config.data.block_size
+        rows = np.random.default_rng(0).integers(2, VOCAB - 1, (4096, block)).astype(np.int32)
+        model = build_model(model_config_for_data(config.model, data_fields(block)), config.noise)
+        flops = matmul_flops_per_token(model, block)
+        peak = matmul_ceiling(args.cpus)
+        plain = plain_loop(config, rows, args.steps, args.cpus)
+
+        import ray
+
+        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        payload = {"config": config.to_dict(), "data": data_fields(block), "has_validation": False,
+                   "tracking_uri": None, "mlflow_run_id": None, "export_dir": f"{tmp}/model",
+                   "registered_model": None}
+        result = fit(config, payload, {"train": ray.data.from_numpy(rows).rename_columns({"data": "input_ids"})})
+        ray.shutdown()
+        ours = float(result.metrics["tokens_per_s"])
+    print(f"model: {model.backbone.num_parameters() / 1e6:.2f}M parameters, {flops / 1e6:.1f} MFLOP/token; "
+          f"global batch {config.training.global_batch_size} x {block} tokens; {args.steps} steps; "
+          f"matmul ceiling {peak / 1e9:.0f} GFLOP/s on {args.cpus} cores")
+    print(f"plain single process ({args.cpus} threads): {plain:10.0f} tokens/s   MFU {plain * flops / peak:.3f}")
+    print(f"Ray Train, {args.workers} workers FSDP2:     {ours:10.0f} tokens/s   MFU {ours * flops / peak:.3f}")
+    print(f"ratio Ray / plain: {ours / plain:.2f}  (target >= 0.9)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

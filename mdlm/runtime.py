@@ -1,0 +1,20 @@
+"""Starting or joining Ray, shared by the pipelines."""
+
+from __future__ import annotations
+
+import os
+
+
+def init_ray(num_cpus: int | None = None) -> bool:
+    """Connect to ``RAY_ADDRESS`` when set (``ray job submit`` sets it; ``RAY_ADDRESS=auto`` joins a cluster
+    started with ``ray start``), else start a local Ray; nothing if Ray is already initialised.
+    Returns whether this call started (or connected) Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False)
+    return True

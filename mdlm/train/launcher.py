@@ -1,0 +1,204 @@
+"""The driver side of a training run: data, MLflow run, Ray Train ``TorchTrainer``, summary.
+
+``train(config)`` joins the Ray cluster named by ``RAY_ADDRESS`` (as under ``ray job submit``; ``auto`` joins
+one started with ``ray start``), else starts a local one; prepares the default corpus if its manifest is
+missing; creates or continues the MLflow run; runs ``train_loop_per_worker`` on ``run.num_workers`` workers;
+and returns where to look. Resubmitting the same ``run.name`` with the same ``run.storage_path`` resumes from
+the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mdlm.config import Config, ConfigError
+from mdlm.data.sources import DEFAULT_CORPUS
+from mdlm.runtime import init_ray
+from mdlm.train import tracking
+
+
+class TrainingError(RuntimeError):
+    """Training stopped without a usable result (the message says why)."""
+
+
+@dataclass
+class TrainResult:
+    run_name: str
+    mlflow_run_id: str | None
+    tracking_uri: str
+    export_dir: str
+    checkpoint: str | None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    samples: list[str] = field(default_factory=list)
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
+def _runs_root(config: Config) -> Path:
+    """Local folder for the sqlite tracking store and artifacts: the parent of a local storage path."""
+    storage = config.run.storage_path
+    return Path(storage).absolute().parent if not _is_url(storage) else Path("runs").absolute()
+
+
+def load_data(config: Config, log=print):
+    """The manifest of the prepared data; the default corpus is prepared on first use."""
+    from mdlm.data.manifest import load_manifest
+
+    manifest_dir = Path(config.data.output_dir)
+    command = (f"python pipelines/prepare_data.py data.source={config.data.source} "
+               f"data.output_dir={config.data.output_dir} data.tokenizer={config.data.tokenizer} "
+               f"data.block_size={config.data.block_size} data.packing={config.data.packing}")
+    try:
+        manifest = load_manifest(manifest_dir)
+    except ValueError as exc:  # a malformed manifest
+        raise TrainingError(f"{exc}\nprepare the data again with:\n  {command} --force") from None
+    except FileNotFoundError:
+        if config.data.source != DEFAULT_CORPUS:
+            raise TrainingError(f"no prepared data at {manifest_dir}; prepare it first with:\n  {command}") from None
+    else:
+        wanted = {"block_size": config.data.block_size, "packing": config.data.packing,
+                  "tokenizer": config.data.tokenizer}
+        found = {key: getattr(manifest, key) for key in wanted}
+        if found != wanted:
+            raise TrainingError(f"the data at {manifest_dir} was prepared with {found}, but the config asks for "
+                                f"{wanted}; prepare it again (or point data.output_dir elsewhere):\n"
+                                f"  {command} --force")
+        return manifest
+    log(f"preparing the default corpus into {manifest_dir} (first run only)")
+    from mdlm.data.pipeline import prepare_dataset
+
+    try:
+        return prepare_dataset(config.data, log=log)
+    except ValueError as exc:  # DataError / ConfigError: bad input, nothing was written
+        raise TrainingError(str(exc)) from None
+
+
+def train(config: Config, log=print) -> TrainResult:
+    """Run (or resume) a distributed training run described by ``config``."""
+    import ray
+
+    config.validate()
+    run = config.run
+    if run.use_gpu and config.training.precision != "bf16":
+        log("note: training on GPU in fp32; set training.precision=bf16 for mixed precision")
+    init_ray()
+    manifest = load_data(config, log)
+    data = manifest.model_fields()
+    if config.model.kind == "mdlm" and data.get("mask_token_id") is None:
+        raise TrainingError("the prepared data has no [MASK] token id")
+
+    storage = run.storage_path if _is_url(run.storage_path) else str(Path(run.storage_path).absolute())
+    runs_root = _runs_root(config)
+    tracking_uri = tracking.default_tracking_uri(runs_root)
+    experiment_id = tracking.ensure_experiment(tracking_uri, run.mlflow_experiment, runs_root / "mlartifacts")
+    run_id, resumed = tracking.find_or_create_run(tracking_uri, experiment_id, run.name, storage, config.flat())
+    log(f"MLflow run {run_id} ({'continued' if resumed else 'new'}) in {tracking_uri}")
+    if not resumed:
+        _log_run_files(tracking_uri, run_id, config, manifest)
+
+    export_dir = run.export_dir or (f"{storage.rstrip('/')}/{run.name}/model" if _is_url(storage)
+                                    else str(Path(storage) / run.name / "model"))
+    payload = {
+        "config": config.to_dict(),
+        "data": data,
+        "has_validation": manifest.rows("validation") > 0,
+        "tracking_uri": tracking_uri,
+        "mlflow_run_id": run_id,
+        "export_dir": export_dir,
+        "registered_model": run.registered_model,
+        "model_alias": run.model_alias,
+    }
+    datasets = {"train": ray.data.read_parquet(manifest.split_files("train"))}
+    if payload["has_validation"]:
+        datasets["validation"] = ray.data.read_parquet(manifest.split_files("validation"))
+    try:
+        result = fit(config, payload, datasets)
+    except Exception as exc:
+        tracking.finish_run(tracking_uri, run_id, "FAILED")
+        raise TrainingError(f"training failed: {exc}") from exc
+    metrics = dict(result.metrics or {})
+    stopped = metrics.get("stopped") or tracking.get_tag(tracking_uri, run_id, tracking.STOPPED_TAG)
+    if stopped:
+        tracking.finish_run(tracking_uri, run_id, "FAILED")
+        checkpoint = result.checkpoint.path if result.checkpoint else None
+        raise TrainingError(f"training stopped: {stopped}; the last good checkpoint is {checkpoint}")
+    out = TrainResult(run_name=run.name, mlflow_run_id=run_id, tracking_uri=tracking_uri, export_dir=export_dir,
+                      checkpoint=result.checkpoint.path if result.checkpoint else None, metrics=metrics)
+    if not _is_url(export_dir) and Path(export_dir, "config.json").is_file():
+        out.samples = _samples(config, export_dir)
+        _log_text(tracking_uri, run_id, "samples.txt", "\n\n---\n\n".join(out.samples))
+    tracking.finish_run(tracking_uri, run_id)
+    return out
+
+
+def fit(config: Config, payload: dict[str, Any], datasets: dict[str, Any]):
+    """Run ``train_loop_per_worker`` under a Ray Train ``TorchTrainer``; return Ray's ``Result``."""
+    import ray
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    run = config.run
+    storage = run.storage_path if _is_url(run.storage_path) else str(Path(run.storage_path).absolute())
+    resources = {"CPU": run.cpus_per_worker, **({"GPU": 1} if run.use_gpu else {})}
+    execution = ray.data.ExecutionOptions(preserve_order=True)  # deterministic order for a given shard
+    trainer = TorchTrainer(
+        train_loop_per_worker=_entry,
+        train_loop_config=payload,
+        scaling_config=ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=run.name, storage_path=storage,
+                             checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints),
+                             failure_config=FailureConfig(max_failures=run.max_failures)),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=execution),
+    )
+    return trainer.fit()
+
+
+def _entry(payload: dict[str, Any]) -> None:
+    from mdlm.train.loop import train_loop_per_worker
+
+    train_loop_per_worker(payload)
+
+
+def _samples(config: Config, export_dir: str) -> list[str]:
+    from mdlm.modeling import MDLM, load_pretrained
+
+    model = load_pretrained(export_dir)
+    if model.tokenizer is None:
+        return []
+    s = config.sampling
+    length = min(s.length or model.config.max_seq_len, model.config.max_seq_len)
+    kwargs: dict[str, Any] = {"top_p": s.top_p, "dtype": s.dtype, "seed": s.seed}
+    if isinstance(model, MDLM):
+        kwargs.update(steps=s.steps, sampler=s.sampler)
+    return model.generate(None, num_samples=s.num_samples, length=length, **kwargs)
+
+
+def _log_run_files(tracking_uri: str, run_id: str, config: Config, manifest) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        Path(tmp, "manifest.json").write_text(json.dumps(manifest.to_dict(), indent=1, default=str))
+        tracking.log_artifacts(tracking_uri, run_id, tmp, "run")
+
+
+def _log_text(tracking_uri: str, run_id: str, name: str, text: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, name).write_text(text)
+        tracking.log_artifacts(tracking_uri, run_id, tmp, "samples")
+
+
+def mlflow_ui_command(tracking_uri: str) -> str:
+    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
+
+
+__all__ = ["ConfigError", "TrainResult", "TrainingError", "fit", "mlflow_ui_command", "train"]

@@ -1,0 +1,148 @@
+"""MLflow tracking for training runs: one MLflow run per training run, continued on resume.
+
+The tracking URI comes from ``MLFLOW_TRACKING_URI``, else a local sqlite database under the runs folder,
+with an experiment whose ``artifact_location`` is set explicitly (never Ray's temporary folders).
+Metrics are buffered on rank 0 and written when a checkpoint is saved: after a crash the run resumes
+from that checkpoint, so no step is ever logged twice.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+RUN_NAME_TAG = "mdlm.run_name"
+STOPPED_TAG = "mdlm.stopped"  # why a run stopped early (e.g. a non-finite loss), read by the driver
+STORAGE_TAG = "mdlm.storage_path"
+
+
+def default_tracking_uri(runs_dir: str | os.PathLike[str]) -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    root = Path(runs_dir).absolute()
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def ensure_experiment(tracking_uri: str, name: str, artifact_root: str | os.PathLike[str] | None) -> str:
+    """The experiment id, creating the experiment (with an explicit artifact location) if needed."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    existing = client.get_experiment_by_name(name)
+    if existing is not None:
+        return existing.experiment_id
+    location = None
+    if artifact_root is not None:
+        location = str(artifact_root)
+        if "://" not in location:
+            location = Path(location).absolute().as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def find_or_create_run(tracking_uri: str, experiment_id: str, run_name: str, storage_path: str,
+                       params: dict[str, Any]) -> tuple[str, bool]:
+    """(run_id, resumed): reuse the run of an earlier attempt with the same name and storage, else create."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    client = MlflowClient(tracking_uri)
+    query = f"tags.`{RUN_NAME_TAG}` = '{run_name}' and tags.`{STORAGE_TAG}` = '{storage_path}'"
+    found = client.search_runs([experiment_id], filter_string=query, max_results=1,
+                               order_by=["attributes.start_time DESC"])
+    if found:
+        return found[0].info.run_id, True
+    run = client.create_run(experiment_id, run_name=run_name,
+                            tags={RUN_NAME_TAG: run_name, STORAGE_TAG: storage_path})
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[i:i + 100])
+    return run.info.run_id, False
+
+
+class MetricBuffer:
+    """Rank-0 metrics, held until the next checkpoint, then logged with their steps."""
+
+    def __init__(self, tracking_uri: str | None, run_id: str | None) -> None:
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self.pending: list[tuple[int, dict[str, float]]] = []
+
+    def add(self, step: int, metrics: dict[str, float]) -> None:
+        self.pending.append((step, {k: float(v) for k, v in metrics.items()}))
+
+    def flush(self) -> None:
+        if not self.pending or self.run_id is None:
+            self.pending.clear()
+            return
+        import time
+
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, v, now, step) for step, metrics in self.pending for k, v in metrics.items()]
+        client = MlflowClient(self.tracking_uri)
+        for i in range(0, len(items), 1000):
+            client.log_batch(self.run_id, metrics=items[i:i + 1000])
+        self.pending.clear()
+
+
+@contextmanager
+def system_metrics(tracking_uri: str | None, run_id: str | None) -> Iterator[None]:
+    """Log CPU/GPU/memory system metrics to the run while the block runs (rank 0 only)."""
+    if run_id is None:
+        yield
+        return
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id, log_system_metrics=True):
+        yield
+
+
+def log_artifacts(tracking_uri: str, run_id: str, local_dir: str | os.PathLike[str], artifact_path: str) -> str:
+    """Upload a folder; return its artifact URI."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    client.log_artifacts(run_id, str(local_dir), artifact_path)
+    return f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+
+
+def register_model(tracking_uri: str, run_id: str, source_uri: str, name: str, alias: str) -> str:
+    """Register the exported model directory as a new version of ``name`` and point ``alias`` at it."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri)
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
+            raise
+    version = client.create_model_version(name, source=source_uri, run_id=run_id)
+    client.set_registered_model_alias(name, alias, version.version)
+    return str(version.version)
+
+
+def finish_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri).set_terminated(run_id, status=status)
+
+
+def set_tag(tracking_uri: str, run_id: str, key: str, value: str) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri).set_tag(run_id, key, value)
+
+
+def get_tag(tracking_uri: str, run_id: str, key: str) -> str | None:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri).get_run(run_id).data.tags.get(key)
