@@ -116,9 +116,12 @@ def train(config: Config, log=print) -> TrainResult:
         "registered_model": run.registered_model,
         "model_alias": run.model_alias,
     }
+    # Step logs report training progress; per-worker Ray Data progress bars would only interleave with them.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     datasets = {"train": ray.data.read_parquet(manifest.split_files("train"))}
-    if payload["has_validation"]:
-        datasets["validation"] = ray.data.read_parquet(manifest.split_files("validation"))
+    if payload["has_validation"]:  # every worker reads the same first eval_batches micro-batches
+        rows = run.eval_batches * config.training.micro_batch_size
+        datasets["validation"] = ray.data.read_parquet(manifest.split_files("validation")).limit(rows)
     try:
         result = fit(config, payload, datasets)
     except Exception as exc:
