@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mdlm.config import NoiseConfig, model_config_for
 from mdlm.modeling import MDLM
+from mdlm.train.loop import matmul_flops_per_token
 from mdlm.train.parallelize import ParallelPlan, parallelize
 
 RECORDS: list[dict] = []
@@ -61,13 +62,6 @@ def matmul_ceiling(device: torch.device, n: int) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
-def flops_per_token(model: MDLM, seq_len: int) -> float:
-    """6 x (parameters in matmuls) + 12 x layers x width x length (attention), per trained token."""
-    c = model.config
-    matmul = sum(p.numel() for n, p in model.backbone.named_parameters() if p.dim() == 2 and "embed." not in n)
-    return 6 * matmul + 12 * c.n_layers * c.hidden_size * seq_len
-
-
 def train_throughput(name: str, model: MDLM, step_fn, batch: torch.Tensor, steps: int, warmup: int,
                      peak: float, device: torch.device) -> None:
     for _ in range(warmup):
@@ -78,7 +72,7 @@ def train_throughput(name: str, model: MDLM, step_fn, batch: torch.Tensor, steps
     sync(device)
     dt = (time.perf_counter() - t) / steps
     tokens = batch.numel()
-    achieved = flops_per_token(model, batch.shape[1]) * tokens / dt
+    achieved = matmul_flops_per_token(model, batch.shape[1]) * tokens / dt
     mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
     emit(section="train", variant=name, step_ms=round(dt * 1e3, 1), tokens_per_s=round(tokens / dt),
          tflops=round(achieved / 1e12, 1), mfu_vs_measured_peak=round(achieved / peak, 3),

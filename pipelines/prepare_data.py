@@ -10,28 +10,22 @@ Writes data.output_dir: train/, validation/, test/ parquet files, tokenizer.json
 
 from __future__ import annotations
 
-import argparse
 import signal
 import sys
 import time
 
-from mdlm.config import ConfigError, load_config, preset_names
+from mdlm.cli import config_parser, load_config_or_exit
+from mdlm.config import ConfigError
 from mdlm.data.manifest import ManifestError
 from mdlm.data.pipeline import prepare_dataset
 from mdlm.data.sources import DataError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("overrides", nargs="*", help="config overrides a.b=value (e.g. data.source=PATH)")
-    parser.add_argument("--preset", default="cpu", help=f"preset name ({', '.join(preset_names())}) or YAML path")
+    parser = config_parser(__doc__, default_preset="cpu")
     parser.add_argument("--force", action="store_true", help="re-prepare even if the output is up to date")
     args = parser.parse_args(argv)
-    try:
-        config = load_config(args.preset, args.overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+    config = load_config_or_exit(args.preset, args.overrides)
     # A plain kill (SIGTERM) unwinds like Ctrl-C, so the temporary output directory is removed.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     start = time.perf_counter()

@@ -10,24 +10,17 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from mdlm.config import ConfigError, load_config, preset_names
+from mdlm.cli import config_parser, load_config_or_exit
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("overrides", nargs="*", help="config overrides a.b=value")
-    parser.add_argument("--preset", default="cpu-ray", help=f"preset name ({', '.join(preset_names())}) or YAML path")
+    parser = config_parser(__doc__, default_preset="cpu-ray")
     parser.add_argument("--resume-from", help="checkpoint directory to start from (if the run has none of its own)")
     args = parser.parse_args(argv)
     overrides = list(args.overrides) + ([f"run.resume_from={args.resume_from}"] if args.resume_from else [])
-    try:
-        config = load_config(args.preset, overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+    config = load_config_or_exit(args.preset, overrides)
 
     from mdlm.train.launcher import TrainingError, mlflow_ui_command, train
 

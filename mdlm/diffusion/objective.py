@@ -24,6 +24,7 @@ from torch import Tensor
 
 from mdlm.config import NoiseConfig
 from mdlm.diffusion.schedules import NoiseSchedule
+from mdlm.rng import uniform
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]  # (z_t [B, L], t [B]) -> logits [B, L, V]
 
@@ -40,10 +41,9 @@ class LossOutput:
 def antithetic_uniform(batch_size: int, *, antithetic: bool = True, generator: torch.Generator | None = None,
                        device: torch.device | str = "cpu") -> Tensor:
     """u_i in [0, 1): low-discrepancy u_i = (u + i / B) mod 1 with one shared u, or i.i.d. if not antithetic."""
-    where = generator.device if generator is not None else device
     if not antithetic:
-        return torch.rand(batch_size, generator=generator, dtype=torch.float64, device=where).to(device)
-    u = torch.rand(1, generator=generator, dtype=torch.float64, device=where).to(device)
+        return uniform((batch_size,), dtype=torch.float64, device=device, generator=generator)
+    u = uniform((1,), dtype=torch.float64, device=device, generator=generator)
     offsets = torch.arange(batch_size, dtype=torch.float64, device=device) / batch_size
     return torch.remainder(u + offsets, 1.0)
 
@@ -64,8 +64,7 @@ def forward_mask(x: Tensor, t: Tensor, schedule: NoiseSchedule, mask_id: int, *,
                  attention_mask: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
     """Sample z_t ~ q(z_t | x): each real token becomes [MASK] with probability 1 - alpha_t, independently."""
     p_mask = schedule.mask_prob(t).to(device=x.device)[:, None]
-    where = generator.device if generator is not None else x.device
-    draws = torch.rand(x.shape, generator=generator, dtype=torch.float64, device=where).to(x.device)
+    draws = uniform(x.shape, dtype=torch.float64, device=x.device, generator=generator)
     masked = draws < p_mask
     if attention_mask is not None:
         masked &= attention_mask.bool()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mdlm.rng import uniform
+
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
@@ -27,8 +29,7 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 def gumbel_noise(shape: torch.Size | tuple[int, ...], *, dtype: torch.dtype, device: torch.device | str,
                  generator: torch.Generator | None = None) -> Tensor:
     """Standard Gumbel noise -log(-log u), u ~ U[0, 1) drawn in ``dtype``."""
-    where = generator.device if generator is not None else device
-    u = torch.rand(shape, dtype=dtype, device=where, generator=generator).to(device)
+    u = uniform(shape, dtype=dtype, device=device, generator=generator)
     return -torch.log(-torch.log(u))
 
 

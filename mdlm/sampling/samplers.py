@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from mdlm.diffusion.schedules import NoiseSchedule
+from mdlm.rng import uniform
 from mdlm.sampling.categorical import resolve_dtype, sample_categorical, top_p_filter
 
 Denoise = Callable[[Tensor, Tensor], Tensor]  # (z [B, L], t [B]) -> SUBS log-probs [B, L, V]
@@ -31,12 +32,6 @@ SAMPLERS = ("ancestral", "cached", "first_hitting")
 class SampleOutput:
     tokens: Tensor  # [B, L]
     num_forward_passes: int
-
-
-def _rand(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-          generator: torch.Generator | None) -> Tensor:
-    where = generator.device if generator is not None else device
-    return torch.rand(shape, dtype=dtype, device=where, generator=generator).to(device)
 
 
 def _token_probs(log_probs: Tensor, top_p: float, dtype: torch.dtype) -> Tensor:
@@ -74,7 +69,7 @@ def ancestral_sample(denoise: Denoise, z: Tensor, schedule: NoiseSchedule, mask_
             log_probs = denoise(z, t.expand(batch).to(z.device, torch.float32))
             passes += 1
         p_unmask = reverse_unmask_prob(schedule, s, t).item()
-        unmask = masked & (_rand(tuple(z.shape), dtype, z.device, generator) < p_unmask)
+        unmask = masked & (uniform(tuple(z.shape), dtype=dtype, device=z.device, generator=generator) < p_unmask)
         if unmask.any():
             # Only the positions that unmask need their distribution in sampling precision.
             z[unmask] = sample_categorical(_token_probs(log_probs[unmask], top_p, dtype), dtype=dtype,
@@ -108,11 +103,11 @@ def first_hitting_sample(denoise: Denoise, z: Tensor, schedule: NoiseSchedule, m
         if not active.any():
             break
         rows = active.nonzero().squeeze(-1)
-        v = _rand((rows.numel(),), torch.float64, z.device, generator)
+        v = uniform((rows.numel(),), dtype=torch.float64, device=z.device, generator=generator)
         s = schedule.inverse_mask_prob(schedule.mask_prob(t[rows]) * v ** (1.0 / n[rows].double()))
         t[rows] = s
         # One masked position per active row, uniformly: argmax of uniform keys over masked positions.
-        keys = _rand((rows.numel(), z.shape[1]), torch.float64, z.device, generator)
+        keys = uniform((rows.numel(), z.shape[1]), dtype=torch.float64, device=z.device, generator=generator)
         position = torch.where(masked[rows], keys, torch.full_like(keys, -1.0)).argmax(dim=-1)
         log_probs = denoise(z[rows], s.float())
         passes += 1

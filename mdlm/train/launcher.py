@@ -42,6 +42,11 @@ def _is_url(path: str) -> bool:
     return "://" in path
 
 
+def _storage(path: str) -> str:
+    """The Ray Train storage path: a URL as is, a local path made absolute."""
+    return path if _is_url(path) else str(Path(path).absolute())
+
+
 def _runs_root(config: Config) -> Path:
     """Local folder for the sqlite tracking store and artifacts: the parent of a local storage path."""
     storage = config.run.storage_path
@@ -95,7 +100,7 @@ def train(config: Config, log=print) -> TrainResult:
     if config.model.kind == "mdlm" and data.get("mask_token_id") is None:
         raise TrainingError("the prepared data has no [MASK] token id")
 
-    storage = run.storage_path if _is_url(run.storage_path) else str(Path(run.storage_path).absolute())
+    storage = _storage(run.storage_path)
     runs_root = _runs_root(config)
     tracking_uri = tracking.default_tracking_uri(runs_root)
     experiment_id = tracking.ensure_experiment(tracking_uri, run.mlflow_experiment, runs_root / "mlartifacts")
@@ -150,7 +155,7 @@ def fit(config: Config, payload: dict[str, Any], datasets: dict[str, Any]):
     from ray.train.torch import TorchTrainer
 
     run = config.run
-    storage = run.storage_path if _is_url(run.storage_path) else str(Path(run.storage_path).absolute())
+    storage = _storage(run.storage_path)
     resources = {"CPU": run.cpus_per_worker, **({"GPU": 1} if run.use_gpu else {})}
     execution = ray.data.ExecutionOptions(preserve_order=True)  # deterministic order for a given shard
     trainer = TorchTrainer(

@@ -327,7 +327,6 @@ def _export(model, ema: EMA | None, payload: dict[str, Any], rank: int) -> None:
 
     from mdlm.hub import write_model_dir
 
-    base = model
     tokenizer_file = payload["data"].get("tokenizer_file")
     tokenizer = Tokenizer.from_file(tokenizer_file) if tokenizer_file and os.path.isfile(tokenizer_file) else None
     export_dir = payload["export_dir"]
@@ -335,12 +334,12 @@ def _export(model, ema: EMA | None, payload: dict[str, Any], rank: int) -> None:
         import pyarrow.fs as pafs
 
         with tempfile.TemporaryDirectory(prefix="mdlm-export-") as tmp:
-            local = write_model_dir(Path(tmp) / "model", model_type=base.model_type, model_config=base.config,
-                                    noise_config=base.noise_config, state_dict=state, tokenizer=tokenizer)
+            local = write_model_dir(Path(tmp) / "model", model_type=model.model_type, model_config=model.config,
+                                    noise_config=model.noise_config, state_dict=state, tokenizer=tokenizer)
             pafs.copy_files(str(local), export_dir)
     else:
-        write_model_dir(export_dir, model_type=base.model_type, model_config=base.config,
-                        noise_config=base.noise_config, state_dict=state, tokenizer=tokenizer)
+        write_model_dir(export_dir, model_type=model.model_type, model_config=model.config,
+                        noise_config=model.noise_config, state_dict=state, tokenizer=tokenizer)
     tracking_uri, run_id = payload.get("tracking_uri"), payload.get("mlflow_run_id")
     if run_id and "://" not in export_dir:
         from mdlm.train.tracking import log_artifacts
