@@ -2,13 +2,15 @@
 
 Measures, in one run on one GPU:
   * the bf16 matmul ceiling (8192^3), to put MFU in context;
-  * training-step throughput and MFU for eager autocast, torch.compile, and FSDP2 through the library's
-    parallelize step (world size 1, MixedPrecisionPolicy bf16 params / fp32 reduce, per-block compile), with
-    and without resharding after forward;
-  * sampler wall time at length 1024: ancestral vs cached vs first-hitting, batch 1 and 16, and cached at
-    steps = 10 x length vs steps = length.
+  * training-step throughput and MFU of the variants named by ``--train``: ``eager`` (autocast), ``compile``
+    (whole backbone), ``fsdp2`` (the library's parallelize step: world size 1, MixedPrecisionPolicy bf16
+    params / fp32 reduce, compiled blocks, output layer and loss); suffixes ``-padN`` (output layer padded to
+    a multiple of N columns), ``-bN`` (batch N), ``-noreshard``;
+  * sampler wall time (``--sample-length``, batch 1): ancestral, cached and first-hitting at steps = length
+    and steps = 10 x length;
+  * what batching buys the service: batch-1 generations one after another vs one batch of 32.
 
-    python bench/gpu_check.py [--smoke] [--out results.json]
+    python bench/gpu_check.py [--smoke] [--out results.json] [--train fsdp2,fsdp2-pad64]
 
 ``--smoke`` shrinks everything so the script can be checked on a CPU. Prints JSON lines; with ``--out`` the
 same records go to a file.
@@ -95,23 +97,31 @@ def make_step(model: MDLM, optimizer: torch.optim.Optimizer, autocast: bool, dev
     return step
 
 
-def build(size: str, seq_len: int, device: torch.device) -> MDLM:
+def build(size: str, seq_len: int, device: torch.device, pad: int = 1) -> MDLM:
     torch.manual_seed(0)
-    config = model_config_for(size, vocab_size=50258, mask_token_id=50257, max_seq_len=seq_len)
+    config = model_config_for(size, vocab_size=50258, mask_token_id=50257, max_seq_len=seq_len,
+                              vocab_pad_multiple=pad)
     return MDLM(config, NoiseConfig()).to(device)
 
 
+def _option(variant: str, prefix: str, default: int) -> int:
+    for part in variant.split("-")[1:]:
+        if part.startswith(prefix) and part[len(prefix):].isdigit():
+            return int(part[len(prefix):])
+    return default
+
+
 def section_train(args, device: torch.device, peak: float) -> None:
-    batch = torch.randint(0, 50257, (args.batch, args.seq_len), device=device)
     fused = device.type == "cuda"
-    variants = ["eager", "compile", "fsdp2", "fsdp2-noreshard"] if not args.smoke else ["eager", "fsdp2"]
+    variants = args.train.split(",") if not args.smoke else ["eager", "fsdp2-pad64"]
     for variant in variants:
         if time.perf_counter() - STARTED > args.budget_s * 0.6:
             emit(section="train", variant=variant, skipped="time budget")
             continue
         try:
             torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
-            model = build(args.size, args.seq_len, device)
+            batch = torch.randint(0, 50257, (_option(variant, "b", args.batch), args.seq_len), device=device)
+            model = build(args.size, args.seq_len, device, pad=_option(variant, "pad", 1))
             if variant == "compile":
                 model.backbone = torch.compile(model.backbone)
             if variant.startswith("fsdp2"):
@@ -121,7 +131,7 @@ def section_train(args, device: torch.device, peak: float) -> None:
                     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                                          rank=0, world_size=1)
                 plan = ParallelPlan(param_dtype=torch.bfloat16, compile=not args.smoke,
-                                    reshard_after_forward=variant != "fsdp2-noreshard")
+                                    reshard_after_forward="noreshard" not in variant)
                 parallelize(model, plan)  # the library's parallelize step: per-block fully_shard, then the root
             optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=fused)
             step = make_step(model, optimizer, autocast=not variant.startswith("fsdp2"), device=device)
@@ -134,12 +144,9 @@ def section_train(args, device: torch.device, peak: float) -> None:
 
 
 def section_sample(args, device: torch.device) -> None:
-    model = build(args.size, args.seq_len, device).eval()
-    length = args.seq_len
-    plan = [(1, "ancestral", length), (1, "cached", length), (1, "cached", 10 * length), (1, "first_hitting", length),
-            (16, "ancestral", length), (16, "first_hitting", length)]
-    if args.smoke:
-        plan = [(b, s, n) for b, s, n in plan if b == 1]
+    length = args.sample_length
+    model = build(args.size, length, device).eval()
+    plan = [(1, sampler, k * length) for sampler in ("ancestral", "cached", "first_hitting") for k in (1, 10)]
     for batch, sampler, steps in plan:
         if time.perf_counter() - STARTED > args.budget_s:
             emit(section="sample", sampler=sampler, batch=batch, steps=steps, skipped="time budget")
@@ -158,15 +165,38 @@ def section_sample(args, device: torch.device) -> None:
             emit(section="sample", sampler=sampler, batch=batch, error=f"{type(exc).__name__}: {exc}"[:500])
 
 
+def section_batching(args, device: torch.device) -> None:
+    """Generations of ``--sample-length`` tokens: ``n`` batch-1 calls in a row vs one call of batch 32."""
+    length, n = args.sample_length, 4 if not args.smoke else 2
+    model = build(args.size, length, device).eval()
+    timings = {}
+    for batch, calls in ((1, n), (32, 1)):
+        if time.perf_counter() - STARTED > args.budget_s:
+            emit(section="batching", batch=batch, skipped="time budget")
+            return
+        sync(device)
+        t = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            for i in range(calls):
+                model.sample(batch, length, steps=length, sampler="cached", seed=i)
+        sync(device)
+        timings[batch] = (time.perf_counter() - t) / (calls * batch)
+        emit(section="batching", batch=batch, seconds_per_sequence=round(timings[batch], 3))
+    emit(section="batching", throughput_ratio_batch32_vs_1=round(timings[1] / timings[32], 2))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for a CPU check of the script")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--budget-s", type=float, default=420.0)
+    parser.add_argument("--train", default="fsdp2,fsdp2-pad64,fsdp2-pad64-b64", help="training variants")
+    parser.add_argument("--sample-length", type=int, default=256)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.size, args.seq_len, args.batch = ("small", 1024, 32) if not args.smoke else ("cpu", 64, 4)
     args.train_steps, args.warmup = (10, 3) if not args.smoke else (2, 1)
+    args.sample_length = args.sample_length if not args.smoke else 32
     emit(section="env", torch=torch.__version__, device=torch.cuda.get_device_name() if device.type == "cuda"
          else "cpu", size=args.size, seq_len=args.seq_len, batch=args.batch)
     peak = matmul_ceiling(device, 8192 if not args.smoke else 512)
@@ -175,6 +205,7 @@ def main() -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
     section_train(args, device, peak)
     section_sample(args, device)
+    section_batching(args, device)
     if args.out:
         args.out.write_text(json.dumps(RECORDS, indent=1))
     if torch.distributed.is_initialized():

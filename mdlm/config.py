@@ -49,10 +49,13 @@ class ModelConfig:
     max_seq_len: int = 1024
     time_conditioning: bool = False
     rope_base: float = 10000.0
+    # Output-layer columns rounded up to a multiple of this (64 suits GPU matmuls); the extra logits are
+    # dropped before any softmax, so the model is the same. 1 = no padding.
+    vocab_pad_multiple: int = 1
 
     def validate(self, prefix: str = "model") -> None:
         _positive(self, prefix, "hidden_size", "n_layers", "n_heads", "cond_dim", "mlp_ratio", "vocab_size",
-                  "max_seq_len", "rope_base")
+                  "max_seq_len", "rope_base", "vocab_pad_multiple")
         if self.hidden_size % self.n_heads:
             raise ConfigError(f"{prefix}.n_heads: hidden_size {self.hidden_size} is not divisible by "
                               f"n_heads {self.n_heads}")
@@ -235,7 +238,7 @@ class RunConfig:
     activation_checkpointing: bool = False
     compile: bool = False
     mlflow_experiment: str = "mdlm"
-    registered_model: str | None = "mdlm"
+    registered_model: str | None = "auto"  # auto: 'mdlm' for MDLM, 'mdlm-ar' for the AR baseline; null: none
     model_alias: str = "current"
     export_dir: str | None = None  # default: <storage_path>/<name>/model
     resume_from: str | None = None
@@ -362,6 +365,11 @@ def _section_from_dict(cls: type, data: dict[str, Any], prefix: str, base: Any =
         else:
             values[key] = _coerce(value, hints[key], full)
     return cls(**values)
+
+
+def dataclass_from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build any config dataclass from a dict with the same key and type checks as the main tree."""
+    return _section_from_dict(cls, data or {}, prefix)
 
 
 def config_from_dict(data: dict[str, Any], base: Config | None = None) -> Config:

@@ -20,6 +20,7 @@ from mdlm.diffusion.objective import (
     diffusion_nelbo,
     next_token_nll,
     subs_log_probs,
+    subs_masked_nll,
     zero_masked_log_probs,
 )
 from mdlm.diffusion.schedules import get_schedule
@@ -124,6 +125,7 @@ class MDLM(_PretrainedModel):
         self.mask_id = int(config.mask_token_id)  # type: ignore[arg-type]
         self.tokenizer = tokenizer
         self.backbone = DiT(config, causal=False)
+        self.masked_nll = subs_masked_nll  # parallelize may swap in a compiled copy
 
     def forward(self, z_t: Tensor, t: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
         """Denoiser logits [B, L, V] for the noised sequence z_t at time t."""
@@ -138,7 +140,7 @@ class MDLM(_PretrainedModel):
         """One-sample Monte-Carlo NELBO per real token (an upper bound on the NLL; exp of it bounds perplexity)."""
         return diffusion_nelbo(lambda z, tt: self.backbone(z, tt, attention_mask), input_ids, self.schedule,
                                self.noise_config, self.mask_id, attention_mask=attention_mask, t=t,
-                               generator=generator)
+                               generator=generator, masked_nll=self.masked_nll)
 
     @torch.no_grad()
     def sample(self, num_samples: int = 1, length: int | None = None, *, steps: int | None = None,

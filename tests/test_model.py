@@ -107,3 +107,29 @@ def test_tiny_model_overfits_tiny_corpus(tiny_config, kind):
     # Memorising 4 sequences: the MDLM bound tends to log(4) / 16 = 0.09 nats/token, the AR loss to 0;
     # log V = 3.43 nats is what an untrained model scores.
     assert metrics["nll"] < 0.2 * log_v, (kind, metrics, elapsed)
+
+
+def test_vocab_padding_changes_nothing_but_the_head_shape(tiny_config):
+    """Padding columns of the output layer never reach a softmax: same logits, same loss, same FLOP count."""
+    from dataclasses import replace
+
+    from mdlm.train.loop import matmul_flops_per_token
+
+    plain = perturb_(MDLM(tiny_config), seed=3)
+    padded = MDLM(replace(tiny_config, vocab_pad_multiple=64))
+    assert padded.backbone.final.linear.out_features == 64 and tiny_config.vocab_size == 32
+    state = plain.state_dict()
+    with torch.no_grad():
+        for name, p in padded.named_parameters():
+            if name.startswith("backbone.final.linear"):
+                p.zero_()
+                p[:tiny_config.vocab_size].copy_(state[name])
+                p[tiny_config.vocab_size:].fill_(5.0)  # large values that would matter if they leaked
+            else:
+                p.copy_(state[name])
+    x = torch.randint(0, 31, (3, 16), generator=torch.Generator().manual_seed(0))
+    t = torch.rand(3, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(plain(x, t), padded(x, t))
+    loss = [m.loss(x, generator=torch.Generator().manual_seed(2)).loss for m in (plain, padded)]
+    assert torch.equal(loss[0], loss[1])
+    assert matmul_flops_per_token(plain, 16) == matmul_flops_per_token(padded, 16)

@@ -116,11 +116,13 @@ def discrete_nelbo_weight(schedule: NoiseSchedule, s: Tensor, t: Tensor) -> Tens
 
 def diffusion_nelbo(denoiser: Denoiser, x: Tensor, schedule: NoiseSchedule, noise: NoiseConfig, mask_id: int, *,
                     attention_mask: Tensor | None = None, t: Tensor | None = None,
-                    generator: torch.Generator | None = None) -> LossOutput:
+                    generator: torch.Generator | None = None,
+                    masked_nll: Callable[[Tensor, Tensor, Tensor, int], Tensor] = subs_masked_nll) -> LossOutput:
     """Monte-Carlo estimate of the MDLM NELBO of ``x`` [B, L] with one time sample per sequence.
 
     ``denoiser(z_t, t)`` returns logits; SUBS is applied here. ``t`` may be given (continuous time only);
     otherwise it is drawn (antithetic if ``noise.antithetic``). Returns the loss per real token.
+    ``masked_nll`` is ``subs_masked_nll`` or a compiled copy of it (see ``mdlm.train.parallelize``).
     """
     batch = x.shape[0]
     if attention_mask is None:
@@ -138,7 +140,7 @@ def diffusion_nelbo(denoiser: Denoiser, x: Tensor, schedule: NoiseSchedule, nois
         weight = continuous_nelbo_weight(schedule, t)
     z_t = forward_mask(x, t, schedule, mask_id, attention_mask=attention_mask, generator=generator)
     logits = denoiser(z_t, t.to(device=x.device, dtype=torch.float32))
-    nll = subs_masked_nll(logits, x, z_t, mask_id)
+    nll = masked_nll(logits, x, z_t, mask_id)
     per_sequence = nll.sum(dim=-1) * weight.to(device=x.device, dtype=nll.dtype)
     nll_sum = per_sequence.sum()
     num_tokens = attention_mask.sum().to(nll_sum.dtype)

@@ -114,21 +114,30 @@ class DiTBlock(nn.Module):
         return x + gate_m * F.dropout(self.mlp(h), self.dropout, self.training)
 
 
+def padded_vocab_size(config: ModelConfig) -> int:
+    """Output columns: ``vocab_size`` rounded up to a multiple of ``vocab_pad_multiple``."""
+    return -(-config.vocab_size // config.vocab_pad_multiple) * config.vocab_pad_multiple
+
+
 class FinalLayer(nn.Module):
-    """adaLN-modulated LayerNorm and the untied output projection, both zero-initialised."""
+    """adaLN-modulated LayerNorm and the untied output projection, both zero-initialised.
+
+    The projection may have padding columns (``vocab_pad_multiple``); their logits are cut off here."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        self.vocab_size = config.vocab_size
         self.norm = LayerNorm(config.hidden_size)
         self.adaln = nn.Linear(config.cond_dim, 2 * config.hidden_size)
-        self.linear = nn.Linear(config.hidden_size, config.vocab_size)
+        self.linear = nn.Linear(config.hidden_size, padded_vocab_size(config))
         for layer in (self.adaln, self.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift, scale = self.adaln(c)[:, None, :].chunk(2, dim=-1)
-        return self.linear(modulate(self.norm(x), shift, scale))
+        logits = self.linear(modulate(self.norm(x), shift, scale))
+        return logits if logits.shape[-1] == self.vocab_size else logits[..., :self.vocab_size]
 
 
 class DiT(nn.Module):

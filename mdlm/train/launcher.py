@@ -86,6 +86,14 @@ def load_data(config: Config, log=print):
         raise TrainingError(str(exc)) from None
 
 
+def registered_model_name(config: Config) -> str | None:
+    """The MLflow registered model the export goes to; the AR baseline never moves the MDLM's alias."""
+    name = config.run.registered_model
+    if name == "auto":
+        return "mdlm-ar" if config.model.kind == "ar" else "mdlm"
+    return name
+
+
 def train(config: Config, log=print) -> TrainResult:
     """Run (or resume) a distributed training run described by ``config``."""
     import ray
@@ -118,7 +126,7 @@ def train(config: Config, log=print) -> TrainResult:
         "tracking_uri": tracking_uri,
         "mlflow_run_id": run_id,
         "export_dir": export_dir,
-        "registered_model": run.registered_model,
+        "registered_model": registered_model_name(config),
         "model_alias": run.model_alias,
     }
     # Step logs report training progress; per-worker Ray Data progress bars would only interleave with them.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint import CheckpointException
 
 from mdlm.config import Config, ModelConfig, config_from_dict
 from mdlm.modeling import MDLM, ARModel, build_model
@@ -47,6 +49,7 @@ def matmul_flops_per_token(model: MDLM | ARModel, seq_len: int) -> float:
     """6 x (parameters used in matmuls) + 12 x layers x width x length: training FLOPs per token."""
     c = model.config
     matmul = sum(p.numel() for n, p in model.backbone.named_parameters() if p.dim() == 2 and "embed." not in n)
+    matmul -= (model.backbone.final.linear.out_features - c.vocab_size) * c.hidden_size  # padding is no work
     return 6.0 * matmul + 12.0 * c.n_layers * c.hidden_size * seq_len
 
 
@@ -156,30 +159,64 @@ def _report(metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir))
 
 
+def _log(message: str) -> None:
+    """One line to the worker's real stdout, which Ray streams to the driver. (Ray Train patches ``print`` to
+    log *and*, when ``sys.stdout`` is wrapped, to print as well, so a plain print shows up twice.)"""
+    stream = sys.__stdout__ or sys.stdout
+    stream.write(message + "\n")
+    stream.flush()
+
+
+def checkpoint_candidates(latest: Any, resume_from: str | None) -> list[Any]:
+    """Checkpoints to try, newest first: Ray's latest, the run's older ones beside it, then ``resume_from``.
+
+    Listed through the checkpoint's own pyarrow filesystem, so a run on s3:// or gs:// storage finds them too."""
+    import posixpath
+
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    candidates = []
+    if latest is not None:
+        candidates.append(latest)
+        parent = posixpath.dirname(latest.path.rstrip("/"))
+        infos = latest.filesystem.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
+        older = sorted((i.path for i in infos if i.type == pafs.FileType.Directory
+                        and i.base_name.startswith("checkpoint_") and i.path.rstrip("/") != latest.path.rstrip("/")),
+                       reverse=True)
+        candidates.extend(Checkpoint(path, filesystem=latest.filesystem) for path in older)
+    if resume_from:
+        candidates.append(Checkpoint(resume_from if "://" in resume_from else os.path.abspath(resume_from)))
+    return candidates
+
+
+def restore_checkpoint(candidates: list[Any], model, optimizer, scheduler, ema) -> tuple[TrainProgress, str | None]:
+    """Load the first complete candidate that loads; incomplete ones are skipped, a failed load falls back to the
+    next. (fresh progress, None) when there is none; an error when complete ones exist but none loads (starting
+    over would rotate them away, and a failed load may have changed the model in place)."""
+    failures = []
+    for checkpoint in candidates:
+        try:
+            with checkpoint.as_directory() as path:
+                if not is_complete(path):
+                    _log(f"[mdlm] skipping incomplete checkpoint {checkpoint.path}")
+                    continue
+                return load_checkpoint(path, model, optimizer, scheduler, ema), checkpoint.path
+        except (Exception, CheckpointException) as exc:  # DCP raises CheckpointException, a BaseException
+            _log(f"[mdlm] checkpoint {checkpoint.path} could not be loaded ({exc}); trying an older one")
+            failures.append(f"{checkpoint.path}: {type(exc).__name__}")
+    if failures:
+        raise RuntimeError("no checkpoint could be loaded (delete the broken ones, or start over with a new "
+                           "run.name):\n  " + "\n  ".join(failures))
+    return TrainProgress(), None
+
+
 def _restore(model, optimizer, scheduler, ema, resume_from: str | None) -> tuple[TrainProgress, str | None]:
-    """Restore from Ray's latest checkpoint, else ``resume_from``; skip incomplete ones (newest first)."""
+    """Restore from Ray's latest checkpoint, else an older one of the run, else ``resume_from``."""
     import ray.train
 
-    candidates: list[str] = []
-    latest = ray.train.get_checkpoint()
-    if latest is not None:
-        candidates.append(latest.path)
-        parent = Path(latest.path).parent
-        if parent.is_dir():  # older checkpoints of the same run, newest first
-            others = sorted((p for p in parent.glob("checkpoint_*") if p.is_dir() and str(p) != latest.path),
-                            reverse=True)
-            candidates.extend(str(p) for p in others)
-    if resume_from:
-        candidates.append(resume_from)
-    for path in candidates:
-        if Path(path).is_dir() and is_complete(path):
-            try:
-                return load_checkpoint(path, model, optimizer, scheduler, ema), path
-            except Exception as exc:  # a corrupt checkpoint: fall back to the previous one
-                print(f"[mdlm] checkpoint {path} could not be loaded ({exc}); trying an older one", flush=True)
-        else:
-            print(f"[mdlm] skipping incomplete checkpoint {path}", flush=True)
-    return TrainProgress(), None
+    return restore_checkpoint(checkpoint_candidates(ray.train.get_checkpoint(), resume_from), model, optimizer,
+                              scheduler, ema)
 
 
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
@@ -209,7 +246,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     ema = EMA(model, training.ema_decay) if training.ema_decay > 0 else None
     progress, restored_from = _restore(model, optimizer, scheduler, ema, run.resume_from)
     if restored_from and rank == 0:
-        print(f"[mdlm] resumed from {restored_from} at step {progress.step}", flush=True)
+        _log(f"[mdlm] resumed from {restored_from} at step {progress.step}")
 
     micro = training.micro_batch_size
     if training.global_batch_size % (micro * world):
@@ -230,7 +267,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     metrics_buffer = MetricBuffer(tracking_uri, run_id if rank == 0 else None)
     peak = measure_peak_flops(device) * world
     noise_generator = torch.Generator(device=device)
-    started, tokens_at_start = time.perf_counter(), progress.tokens_seen
+    started, tokens_at_start, first_step = time.perf_counter(), progress.tokens_seen, True
     last_report = {}
     stop_reason = None
 
@@ -265,8 +302,10 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             if run.fail_at_step is not None and progress.step == run.fail_at_step and restored_from is None:
                 raise RuntimeError(f"injected failure at step {progress.step} (run.fail_at_step)")
 
-            elapsed = time.perf_counter() - started
-            tokens_per_s = (progress.tokens_seen - tokens_at_start) / max(elapsed, 1e-9)
+            now = time.perf_counter()
+            tokens_per_s = (progress.tokens_seen - tokens_at_start) / max(now - started, 1e-9)
+            if first_step:  # the first step pays for data start-up and compilation: time from its end on
+                first_step, started, tokens_at_start = False, now, progress.tokens_seen
             metrics = {"loss": loss, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
                        "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops_per_token / peak,
                        "tokens_seen": float(progress.tokens_seen), "epoch": float(progress.epoch)}
@@ -278,8 +317,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             if progress.step % training.log_every == 0 or progress.step == training.max_steps:
                 metrics_buffer.add(progress.step, metrics)
                 if rank == 0:
-                    print(f"[mdlm] step {progress.step:>6}  loss {loss:.4f}  lr {metrics['lr']:.2e}  "
-                          f"{tokens_per_s:,.0f} tok/s  mfu {metrics['mfu']:.3f}", flush=True)
+                    _log(f"[mdlm] step {progress.step:>6}  loss {loss:.4f}  lr {metrics['lr']:.2e}  "
+                         f"{tokens_per_s:,.0f} tok/s  mfu {metrics['mfu']:.3f}")
             last_report = {"step": progress.step, **metrics}
             if progress.step % run.checkpoint_every == 0 and progress.step < training.max_steps:
                 _checkpoint_and_report(model, optimizer, scheduler, ema, progress, metrics_buffer, last_report,
@@ -291,7 +330,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                 from mdlm.train.tracking import STOPPED_TAG, set_tag
 
                 set_tag(tracking_uri, run_id, STOPPED_TAG, stop_reason)
-            print(f"[mdlm] stopping: {stop_reason}; the last checkpoint is kept", flush=True)
+            _log(f"[mdlm] stopping: {stop_reason}; the last checkpoint is kept")
             _report({"step": progress.step, "stopped": stop_reason})
             return
         final = dict(last_report)
@@ -348,4 +387,4 @@ def _export(model, ema: EMA | None, payload: dict[str, Any], rank: int) -> None:
         name = payload.get("registered_model")
         if name:
             version = register_model(tracking_uri, run_id, source, name, payload.get("model_alias", "current"))
-            print(f"[mdlm] registered models:/{name}@{payload.get('model_alias')} (version {version})", flush=True)
+            _log(f"[mdlm] registered models:/{name}@{payload.get('model_alias')} (version {version})")

@@ -8,12 +8,14 @@ hooks live on ``forward``.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from mdlm.diffusion.objective import subs_masked_nll
 from mdlm.modeling import MDLM, ARModel
 
 
@@ -51,9 +53,18 @@ def parallelize(model: MDLM | ARModel, plan: ParallelPlan, mesh=None) -> MDLM | 
     if plan.compile:
         for block in blocks:
             block.compile()
+        # The output layer and the loss over the vocabulary are memory-bound element-wise work outside the
+        # blocks (fp32 cast, [MASK] column, log-softmax, and their backward): compiled, they fuse.
+        model.backbone.final.compile()
+        if isinstance(model, MDLM):
+            model.masked_nll = torch.compile(subs_masked_nll)
     if plan.fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        if model.backbone.final.linear.out_features != model.config.vocab_size:
+            # Padded output columns are cut off by a slice, so the root returns a view; every consumer of the
+            # logits reads them out of place (float(), log_softmax), which is what FSDP2's warning asks for.
+            warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         policy = MixedPrecisionPolicy(param_dtype=plan.param_dtype, reduce_dtype=plan.reduce_dtype)
         for i, block in enumerate(blocks):
             # The last block's parameters are needed again at once by the backward pass: keep them.

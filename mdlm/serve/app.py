@@ -1,0 +1,234 @@
+"""The Ray Serve application: FastAPI ingress, dynamic batching, streaming and the denoising page.
+
+    serve run mdlm.serve.app:build_app model=runs/ray/cpu-demo/model      # or a Serve config YAML
+    python pipelines/serve.py --model models:/mdlm@current
+
+Endpoints: ``GET /`` (page), ``GET /v1/health``, ``GET /v1/model``, ``POST /v1/generate``,
+``POST /v1/generate/stream`` (NDJSON states while tokens unmask), ``POST /v1/score``. Every bad request
+gets a 4xx with ``{"error": {"field", "message"}}``; nothing a client sends reaches the model unchecked.
+"""
+
+
+import asyncio
+import json
+import logging
+import os
+import threading
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from ray import serve
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mdlm.serve.engine import Cancelled, Engine, GenerateJob
+from mdlm.serve.schemas import GenerateRequest, RequestError, ScoreRequest
+from mdlm.serve.settings import ServeConfig, serve_config_from_dict
+
+logger = logging.getLogger("ray.serve")
+
+_BODY_LIMIT = {"bytes": ServeConfig.max_body_bytes}  # set per replica from its settings
+
+
+def set_body_limit(limit: int) -> None:
+    """Set this process's request body limit. (A function, not an assignment in the deployment: Serve ships
+    the deployment class by value, so a module global it touches directly would be a copy.)"""
+    _BODY_LIMIT["bytes"] = limit
+
+
+def _error(status: int, field: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"field": field, "message": message}}, status_code=status)
+
+
+class BodyLimit:
+    """ASGI middleware: read the whole body first; over the limit -> 413 before any handler runs."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = _BODY_LIMIT["bytes"]
+        too_big = _error(413, "body", f"request body exceeds {limit} bytes")
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await too_big(scope, receive, send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                await too_big(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # later calls wait for the disconnect, as the server's receive does
+
+        await self.app(scope, replay, send)
+
+
+def _field(loc: tuple[Any, ...] | list[Any]) -> str:
+    parts = [p for p in loc if p != "body"]
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "body"
+
+
+api = FastAPI(title="mdlm sampler", description="Masked diffusion language model: generate, stream, score.")
+api.add_middleware(BodyLimit)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request", "type": ""}
+    if first.get("type") == "json_invalid":
+        return _error(400, "body", f"malformed JSON: {first.get('ctx', {}).get('error', first['msg'])}")
+    field = _field(first.get("loc", ()))
+    message = first.get("msg", "invalid value")
+    if first.get("type") == "extra_forbidden":
+        message = "unknown field"
+    return JSONResponse({"error": {"field": field, "message": message,
+                                   "errors": [{"field": _field(e.get("loc", ())), "message": e.get("msg")}
+                                              for e in errors]}}, status_code=422)
+
+
+@api.exception_handler(RequestError)
+async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
+    return _error(exc.status, exc.field, exc.message)
+
+
+def _page() -> str:
+    return resources.files("mdlm.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+
+
+@serve.deployment(name="MDLMService")
+@serve.ingress(api)
+class MDLMService:
+    """One replica: the model in memory, an engine around it, batched generate and score calls."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        import torch
+
+        from mdlm.modeling import load_pretrained
+
+        self.settings = serve_config_from_dict(settings)
+        set_body_limit(self.settings.max_body_bytes)
+        if self.settings.torch_threads:
+            torch.set_num_threads(self.settings.torch_threads)
+        if self.settings.tracking_uri:
+            os.environ.setdefault("MLFLOW_TRACKING_URI", self.settings.tracking_uri)
+        device = self.settings.device
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device=cuda but this replica sees no GPU (set num_gpus, or device=cpu)")
+        model = load_pretrained(self.settings.model, map_location=device)
+        self.engine = Engine(model, self.settings, source=self.settings.model)
+        for batched in (self._generate_batch, self._score_batch):
+            batched.set_max_batch_size(self.settings.max_batch_size)
+            batched.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+        self._page = _page()
+        logger.info("mdlm: serving %s (%s) on %s", self.settings.model, model.model_type, device)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)
+    async def _generate_batch(self, jobs: list[GenerateJob]) -> list[dict[str, Any]]:
+        # The event loop stays free (health checks, queueing the next batch) while torch works in a thread.
+        return await asyncio.to_thread(self.engine.run_generate, jobs)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)
+    async def _score_batch(self, requests: list[ScoreRequest]) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self.engine.score_many, requests)
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self) -> HTMLResponse:
+        return HTMLResponse(self._page)
+
+    @api.get("/v1/health")
+    async def health(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/v1/model")
+    async def model_info(self) -> dict[str, Any]:
+        return self.engine.info()
+
+    @api.post("/v1/generate")
+    async def generate(self, body: GenerateRequest) -> dict[str, Any]:
+        return await self._generate_batch(self.engine.plan_generate(body))
+
+    @api.post("/v1/generate/stream")
+    async def generate_stream(self, body: GenerateRequest) -> StreamingResponse:
+        job = self.engine.plan_generate(body)
+        if not self.engine.is_mdlm:
+            raise RequestError("sampler", "streaming denoising states needs a masked diffusion model")
+        return StreamingResponse(self._stream_lines(job), media_type="application/x-ndjson")
+
+    async def _stream_lines(self, job: GenerateJob):
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        stop = threading.Event()
+
+        def emit(frame: dict[str, Any] | None) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, frame)
+
+        def work() -> None:
+            try:
+                emit(self.engine.stream(job, emit, stop.is_set))
+            except Cancelled:
+                pass
+            except Exception as exc:  # the stream has started: report in-band, keep the replica alive
+                logger.exception("mdlm: stream failed")
+                emit({"type": "error", "message": str(exc)})
+            finally:
+                emit(None)
+
+        worker = loop.run_in_executor(None, work)
+        try:
+            while (frame := await queue.get()) is not None:
+                yield json.dumps(frame) + "\n"
+        finally:
+            stop.set()  # client gone or stream finished: the sampler stops at its next step
+            await asyncio.shield(worker)
+
+    @api.post("/v1/score")
+    async def score(self, body: ScoreRequest) -> dict[str, Any]:
+        self.engine.plan_score(body)  # limits first: a bad request never joins a batch
+        return await self._score_batch(body)
+
+
+def _absolute_model(model: str) -> str:
+    """Replicas may run in another working directory: make an existing local path absolute."""
+    if "://" in model or model.startswith(("models:/", "runs:/")):
+        return model
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"model: directory not found: {model} (train one with pipelines/train.py, or give "
+                                "models:/NAME@ALIAS)")
+    return str(path.absolute())
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Serve application builder (``serve run mdlm.serve.app:build_app model=...`` or a config's ``args``)."""
+    settings = serve_config_from_dict(args)
+    settings.model = _absolute_model(settings.model)
+    if settings.tracking_uri is None and settings.model.startswith(("models:/", "runs:/")):
+        from mdlm.train.tracking import default_tracking_uri
+
+        settings.tracking_uri = default_tracking_uri("runs")
+    return MDLMService.options(**settings.deployment_options()).bind(settings.to_dict())

@@ -1,0 +1,51 @@
+"""Request bodies of the sampler service, and the error every bad request gets.
+
+Pydantic checks types and fixed ranges (extra fields are rejected); ``engine`` checks the limits that
+depend on the settings and the model, raising ``RequestError`` that names the field. Either becomes an
+HTTP 4xx with ``{"error": {"field": ..., "message": ...}}``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SamplerName = Literal["ancestral", "cached", "first_hitting"]
+
+
+class RequestError(ValueError):
+    """A request value the service cannot honour; ``field`` names it in the response."""
+
+    def __init__(self, field: str, message: str, status: int = 422) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+        self.status = status
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class GenerateRequest(_Strict):
+    """POST /v1/generate and /v1/generate/stream."""
+
+    prompt: str | None = Field(default=None, description="text the samples continue (kept as their prefix)")
+    infill: str | None = Field(default=None, description="text with the model's mask token where text goes")
+    num_samples: int = Field(default=1, ge=1)
+    length: int | None = Field(default=None, ge=1, description="total tokens per sample (default: one block)")
+    steps: int | None = Field(default=None, ge=1, description="denoising steps (default: tokens to generate)")
+    sampler: SamplerName | None = None
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    stride: int | None = Field(default=None, ge=1, description="new tokens per round beyond one block")
+    return_tokens: bool = False
+
+
+class ScoreRequest(_Strict):
+    """POST /v1/score: the NELBO (an upper bound on the NLL) of each text."""
+
+    texts: list[str] = Field(min_length=1)
+    mc_samples: int = Field(default=8, ge=1, description="Monte-Carlo time samples per block")
+    seed: int = Field(default=0, ge=0, lt=2**63)

@@ -1,0 +1,87 @@
+"""Evaluate a trained model on Ray: test perplexity bound (NELBO with its standard error), zero-shot NELBO on
+other prepared corpora, generative perplexity and sample entropy; results to a JSON file and MLflow.
+
+    python pipelines/evaluate.py                                       # models:/mdlm@current on the default corpus
+    python pipelines/evaluate.py --model runs/ray/cpu-demo/model --mc-samples 4 --max-rows 256
+    python pipelines/evaluate.py --data data/prepared/shakespeare-bpe1024-128 --data other=data/prepared/other
+    python pipelines/evaluate.py --gen-samples 16 --gen-steps 128 --evaluator runs/ray/ar-demo/model
+    python pipelines/evaluate.py --device cuda --num-actors 4 --evaluator /models/gpt2-large   # local HF dir
+
+The first --data is the model's own corpus (reported as test_*), the others are zero-shot corpora (their
+tokenizer must be the model's). The MLflow run is a child of the training run (found from a models:/ or runs:/
+URI, or --run-id) in the same experiment; otherwise it goes to experiment 'mdlm-eval'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mdlm.config import load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="models:/mdlm@current",
+                   help="model directory, fsspec URL, models:/NAME@ALIAS or runs:/ID/model (default: %(default)s)")
+    p.add_argument("--data", action="append", metavar="[NAME=]DIR",
+                   help="prepared data directory; repeat for zero-shot corpora (default: the main job's corpus)")
+    p.add_argument("--no-data", action="store_true", help="skip the NELBO jobs (generation only)")
+    p.add_argument("--split", default="test", help="split to evaluate (default: %(default)s)")
+    p.add_argument("--mc-samples", type=int, default=1, help="Monte-Carlo time samples per sequence")
+    p.add_argument("--max-rows", type=int, help="evaluate only the first N rows of each corpus")
+    p.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
+    p.add_argument("--num-actors", type=int, default=1, help="model-holding Ray actors")
+    p.add_argument("--cpus-per-actor", type=float, help="CPUs per actor (default: share the cluster's)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (one GPU per actor)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gen-samples", type=int, default=0, help="samples for generative perplexity (0: skip)")
+    p.add_argument("--gen-length", type=int, help="tokens per sample (default: the model's max_seq_len)")
+    p.add_argument("--gen-steps", type=int, help="sampling steps (default: one per position)")
+    p.add_argument("--gen-stride", type=int, help="semi-autoregressive stride, for --gen-length > max_seq_len")
+    p.add_argument("--sampler", default="cached", help="ancestral, cached or first_hitting")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--gen-dtype", default="float64", help="float64 (default) or float32 categorical draws")
+    p.add_argument("--gen-batch-size", type=int, default=8, help="samples per generation call")
+    p.add_argument("--gen-seed", type=int, default=0)
+    p.add_argument("--evaluator", help="AR scorer: this project's AR model (dir or URI) or a local HF causal-LM dir")
+    p.add_argument("--evaluator-max-length", type=int, help="context of the scorer (default: its own)")
+    p.add_argument("--evaluator-stride", type=int, help="window stride for longer texts (default: half the context)")
+    p.add_argument("--output", default="runs/eval/results.json", help="results JSON (default: %(default)s)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow run")
+    p.add_argument("--run-id", help="training run to link the evaluation run to")
+    p.add_argument("--runs-dir", default="runs", help="local MLflow store when MLFLOW_TRACKING_URI is unset")
+    p.add_argument("--experiment", default="mdlm-eval", help="MLflow experiment when no training run is known")
+    p.add_argument("--run-name", help="MLflow run name")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from mdlm.eval import EvalInputError
+    from mdlm.eval.batch import EvalRequest, GenSettings, NelboSettings, run_evaluation
+    from mdlm.eval.report import format_summary
+
+    data = [] if args.no_data else (args.data or [load_config("cpu-ray").data.output_dir])
+    request = EvalRequest(
+        model=args.model, data=data, output=args.output, mlflow=not args.no_mlflow, run_id=args.run_id,
+        runs_dir=args.runs_dir, experiment=args.experiment, run_name=args.run_name,
+        nelbo=NelboSettings(split=args.split, mc_samples=args.mc_samples, max_rows=args.max_rows,
+                            batch_size=args.batch_size, num_actors=args.num_actors, device=args.device,
+                            cpus_per_actor=args.cpus_per_actor, seed=args.seed),
+        gen=GenSettings(num_samples=args.gen_samples, evaluator=args.evaluator, length=args.gen_length,
+                        steps=args.gen_steps, sampler=args.sampler, top_p=args.top_p, dtype=args.gen_dtype,
+                        stride=args.gen_stride, seed=args.gen_seed, batch_size=args.gen_batch_size,
+                        evaluator_max_length=args.evaluator_max_length, evaluator_stride=args.evaluator_stride))
+    try:
+        results = run_evaluation(request)
+    except EvalInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_summary(results))
+    print(f"results: {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""cluster/: Ray autoscaler YAMLs, KubeRay manifests and Serve configs, checked offline.
+
+Every YAML parses; autoscaler configs pass Ray's own schema and config preparation; KubeRay resources carry the
+fields KubeRay needs and the installed Ray version; Serve configs pass Serve's schema and name the mdlm
+application; every ``python .../pipelines/X.py ...`` command anywhere in cluster/ names a script of this
+repository and its ``--preset`` and ``a.b=value`` overrides pass mdlm's own config loading.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+import yaml
+
+from mdlm.cli import config_parser
+from mdlm.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
+AUTOSCALER = ["aws.yaml", "gcp.yaml"]
+SERVE_CONFIGS = ["serve.yaml", "serve-local.yaml"]
+KUBERAY_KINDS = {"RayCluster", "RayJob", "RayService"}
+SERVE_IMPORT_PATH = "mdlm.serve.app:build_app"
+SERVE_ARGS = {"model", "device", "max_batch_size", "batch_wait_timeout_s", "num_cpus"}  # used by the configs
+SERVE_DEPLOYMENT = "MDLMService"
+REMOTE_PROJECT = "/home/ray/mdlm"  # where the configs put the repository on the nodes
+
+
+def yaml_files() -> list[Path]:
+    return sorted(CLUSTER.rglob("*.yaml"))
+
+
+def load_docs(path: Path) -> list[Any]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def kuberay_docs() -> list[tuple[str, dict[str, Any]]]:
+    return [(f"{path.relative_to(CLUSTER)}:{doc['kind']}", doc) for path in yaml_files() for doc in load_docs(path)
+            if isinstance(doc, dict) and str(doc.get("apiVersion", "")).startswith("ray.io/")]
+
+
+def strings(node: Any) -> list[str]:
+    """Every string value in a parsed YAML document."""
+    if isinstance(node, str):
+        return [node]
+    if isinstance(node, dict):
+        return [s for value in node.values() for s in strings(value)]
+    if isinstance(node, list):
+        return [s for value in node for s in strings(value)]
+    return []
+
+
+def text_lines(text: str, comments_only: bool = False) -> list[str]:
+    """Lines of a file with comment markers dropped and backslash continuations joined (shell in comments and
+    Markdown code blocks); ``comments_only``: just the comment lines (YAML values are read parsed)."""
+    out: list[str] = []
+    pending = ""
+    for raw in text.splitlines():
+        if comments_only and not raw.lstrip().startswith("#"):
+            continue
+        line = re.sub(r"^\s*#\s?", "", raw).strip()
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        out.append(pending + line)
+        pending = ""
+    if pending:
+        out.append(pending)
+    return out
+
+
+PIPELINE_COMMAND = re.compile(r"\bpython3?\s+(\S*pipelines/[\w-]+\.py)((?:\s+[^\s&;|]+)*)")
+
+
+def pipeline_commands() -> list[tuple[str, str, list[str]]]:
+    """(where, script path as written, arguments) of every pipelines/ command in cluster/ (YAML string values,
+    comments, README code), deduplicated."""
+    sources: list[tuple[str, str]] = []
+    for path in sorted(CLUSTER.rglob("*")):
+        if not path.is_file():
+            continue
+        name = str(path.relative_to(CLUSTER))
+        sources += [(name, line) for line in text_lines(path.read_text(), comments_only=path.suffix == ".yaml")]
+        if path.suffix == ".yaml":
+            for doc in load_docs(path):
+                for value in strings(doc):
+                    sources += [(name, " ".join(value.split()))]
+                    if value.lstrip().startswith(("applications:", "http_options:")):  # serveConfigV2
+                        sources += [(name, " ".join(s.split())) for s in strings(yaml.safe_load(value))]
+    seen, out = set(), []
+    for where, text in sources:
+        for match in PIPELINE_COMMAND.finditer(text):
+            key = (match.group(1), match.group(2).strip())
+            if key not in seen:
+                seen.add(key)
+                out.append((where, match.group(1), shlex.split(match.group(2))))
+    return out
+
+
+def script_parser(script: Path):
+    """The script's CLI: mdlm.cli.config_parser with its default preset plus the options the script adds."""
+    source = script.read_text()
+    preset = re.search(r'default_preset="([^"]+)"', source)
+    assert preset, f"{script}: no default_preset in config_parser(...)"
+    parser = config_parser(None, preset.group(1))
+    for option, rest in re.findall(r'add_argument\(\s*"(--[\w-]+)"([^)]*)\)', source):
+        if 'action="store_true"' in rest:
+            parser.add_argument(option, action="store_true")
+        else:
+            parser.add_argument(option)
+    return parser
+
+
+def test_every_yaml_parses():
+    files = yaml_files()
+    assert {p.name for p in files} >= {*AUTOSCALER, *SERVE_CONFIGS}
+    for path in files:
+        assert load_docs(path), f"{path}: empty"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ray autoscaler configs
+
+
+def autoscaler_schema() -> dict[str, Any]:
+    import ray.autoscaler
+
+    return json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+
+
+def test_autoscaler_configs_are_the_listed_ones():
+    found = {str(p.relative_to(CLUSTER)) for p in yaml_files()
+             if any(isinstance(d, dict) and "provider" in d and "available_node_types" in d for d in load_docs(p))}
+    assert found == set(AUTOSCALER)
+
+
+@pytest.mark.parametrize("name", AUTOSCALER)
+def test_autoscaler_config_passes_rays_schema_and_preparation(name):
+    import jsonschema
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((CLUSTER / name).read_text())
+    jsonschema.validate(config, autoscaler_schema())
+    prepared = prepare_config(copy.deepcopy(config))  # what `ray up` does before it calls the cloud
+    validate_config(prepared)
+    assert prepared["provider"]["type"] == name.removesuffix(".yaml")
+
+
+@pytest.mark.parametrize("name", AUTOSCALER)
+def test_autoscaler_node_types(name):
+    config = yaml.safe_load((CLUSTER / name).read_text())
+    types = config["available_node_types"]
+    assert config["head_node_type"] in types
+    assert types[config["head_node_type"]]["resources"].get("CPU") == 0, "the head should run no tasks"
+    workers = {k: v for k, v in types.items() if k != config["head_node_type"]}
+    gpu = [k for k, v in workers.items() if v["resources"].get("GPU", 0) > 0]
+    cpu = [k for k, v in workers.items() if not v["resources"].get("GPU")]
+    assert gpu and cpu, "a CPU and a GPU worker group"
+    for node in workers.values():
+        assert node.get("min_workers", 0) == 0 and node["max_workers"] <= config["max_workers"]
+    assert sum(v.get("min_workers", 0) for v in types.values()) <= config["max_workers"]
+    assert "ray start --head" in " ".join(config["head_start_ray_commands"])
+    assert "ray start --address=$RAY_HEAD_IP:6379" in " ".join(config["worker_start_ray_commands"])
+
+
+def _torch_pin() -> str:
+    pin = re.search(r'"torch==([^"]+)"', (ROOT / "pyproject.toml").read_text())
+    assert pin, "pyproject.toml pins torch"
+    return pin.group(1)
+
+
+@pytest.mark.parametrize("name", AUTOSCALER)
+def test_autoscaler_installs_the_project_with_the_right_torch(name):
+    config = yaml.safe_load((CLUSTER / name).read_text())
+    pin = f"torch=={_torch_pin()}"
+    assert config["file_mounts"][REMOTE_PROJECT] == "."
+    cpu_setup = " ".join(config["setup_commands"])
+    assert pin in cpu_setup and "download.pytorch.org/whl/cpu" in cpu_setup
+    assert f"pip install --quiet -e {REMOTE_PROJECT}" in cpu_setup
+    for node in config["available_node_types"].values():
+        if node["resources"].get("GPU"):
+            gpu_setup = " ".join(node["worker_setup_commands"])  # replaces setup_commands on GPU nodes
+            assert pin in gpu_setup and "whl/cpu" not in gpu_setup and "torch.version.cuda" in gpu_setup
+            assert f"-e {REMOTE_PROJECT}" in gpu_setup
+            assert node["docker"]["worker_image"].endswith("-gpu")
+    assert not any(pattern.lstrip("/*").startswith(("data", "mdlm")) and not pattern.startswith("/")
+                   for pattern in config["rsync_exclude"]), "unanchored excludes would drop mdlm/data"
+
+
+def test_images_match_the_installed_ray():
+    images = [s for p in [*yaml_files(), CLUSTER / "Dockerfile"] for s in re.findall(r"rayproject/ray:(\S+)",
+                                                                                     p.read_text())]
+    assert images
+    for tag in images:
+        assert tag.startswith(f"{ray.__version__}-py311-"), tag
+
+
+def test_dockerfile_copies_what_exists_and_pins_torch():
+    text = (CLUSTER / "Dockerfile").read_text()
+    for line in re.findall(r"^COPY\s+(?:--\S+\s+)*(.+)$", text, flags=re.M):
+        *sources, _ = line.split()
+        for source in sources:
+            assert (ROOT / source).exists(), source
+    assert f"torch=={_torch_pin()}" in text
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Commands
+
+
+def test_cluster_commands_use_existing_scripts_and_valid_overrides():
+    commands = pipeline_commands()
+    scripts = {Path(script).name for _, script, _ in commands}
+    assert {"train.py", "prepare_data.py"} <= scripts
+    assert any("run.use_gpu=true" in args for _, _, args in commands), "a GPU training command"
+    for where, script, argv in commands:
+        local = ROOT / "pipelines" / Path(script).name
+        assert local.is_file(), f"{where}: {script} is not in the repository"
+        if script.startswith("/"):
+            assert script == f"{REMOTE_PROJECT}/pipelines/{local.name}", f"{where}: {script}"
+        args = script_parser(local).parse_args(argv)
+        assert all("=" in o for o in args.overrides), f"{where}: {argv}"
+        load_config(args.preset, args.overrides)  # raises ConfigError on any unknown key or bad value
+        # Multi-node: whatever the command writes or reads must be on the shared file system.
+        given = dict(o.split("=", 1) for o in args.overrides)
+        needed = ["data.output_dir"] + (["run.storage_path"] if local.name == "train.py" else [])
+        for key in needed:
+            assert given.get(key, "").startswith("/mnt/shared/"), f"{where}: {key} must be set under /mnt/shared"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# KubeRay
+
+
+def _cluster_spec(doc: dict[str, Any]) -> dict[str, Any]:
+    spec = doc["spec"]
+    return {"RayCluster": spec, "RayJob": spec.get("rayClusterSpec"),
+            "RayService": spec.get("rayClusterConfig")}[doc["kind"]]
+
+
+def _pod_specs(cluster: dict[str, Any]) -> list[dict[str, Any]]:
+    return [cluster["headGroupSpec"]["template"]["spec"],
+            *(group["template"]["spec"] for group in cluster.get("workerGroupSpecs", []))]
+
+
+def test_all_kuberay_kinds_present():
+    assert {doc["kind"] for _, doc in kuberay_docs()} == KUBERAY_KINDS
+
+
+@pytest.mark.parametrize(("where", "doc"), kuberay_docs(), ids=[w for w, _ in kuberay_docs()])
+def test_kuberay_resource(where, doc):
+    assert doc["apiVersion"] == "ray.io/v1"
+    assert doc["kind"] in KUBERAY_KINDS and doc["metadata"]["name"]
+    cluster = _cluster_spec(doc)
+    assert cluster, f"{where}: no Ray cluster spec"
+    assert cluster["rayVersion"] == ray.__version__
+    head = cluster["headGroupSpec"]
+    assert isinstance(head["rayStartParams"], dict)
+    for group in cluster.get("workerGroupSpecs", []):
+        assert group["groupName"] and isinstance(group["rayStartParams"], dict)
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], group["groupName"]
+    gpu_groups = [g for g in cluster.get("workerGroupSpecs", [])
+                  if any("nvidia.com/gpu" in c.get("resources", {}).get("limits", {})
+                         for c in g["template"]["spec"]["containers"])]
+    assert gpu_groups, f"{where}: a GPU worker group"
+    for pod in _pod_specs(cluster):
+        volumes = {v["name"] for v in pod.get("volumes", [])}
+        for container in pod["containers"]:
+            assert container["name"] and container["image"]
+            assert {m["name"] for m in container.get("volumeMounts", [])} <= volumes
+            assert any(m["mountPath"] == "/mnt/shared" for m in container["volumeMounts"])
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            assert env.get("MLFLOW_TRACKING_URI", "").startswith("http"), f"{where}: shared MLflow server"
+    if doc["kind"] == "RayCluster":
+        assert cluster["enableInTreeAutoscaling"] is True
+    if doc["kind"] == "RayJob":
+        assert doc["spec"]["entrypoint"].count("pipelines/train.py") == 1
+        assert "run.use_gpu=true" in doc["spec"]["entrypoint"]
+
+
+def test_kuberay_volumes_name_the_shared_claim():
+    claims = {doc["metadata"]["name"]: doc for path in yaml_files() for doc in load_docs(path)
+              if isinstance(doc, dict) and doc.get("kind") == "PersistentVolumeClaim"}
+    assert claims
+    for where, doc in kuberay_docs():
+        for pod in _pod_specs(_cluster_spec(doc)):
+            for volume in pod.get("volumes", []):
+                if "persistentVolumeClaim" in volume:
+                    claim = claims.get(volume["persistentVolumeClaim"]["claimName"])
+                    assert claim is not None, f"{where}: {volume}"
+                    assert "ReadWriteMany" in claim["spec"]["accessModes"], "every node mounts it"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Serve
+
+
+def serve_configs() -> list[tuple[str, dict[str, Any]]]:
+    out = [(name, yaml.safe_load((CLUSTER / name).read_text())) for name in SERVE_CONFIGS]
+    out += [(f"{where}.serveConfigV2", yaml.safe_load(doc["spec"]["serveConfigV2"]))
+            for where, doc in kuberay_docs() if doc["kind"] == "RayService"]
+    return out
+
+
+@pytest.mark.parametrize(("where", "config"), serve_configs(), ids=[w for w, _ in serve_configs()])
+def test_serve_config(where, config):
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(config)  # Serve's own validation of a deploy config
+    assert len(schema.applications) == 1
+    app = config["applications"][0]
+    assert app["import_path"] == SERVE_IMPORT_PATH and app["route_prefix"] == "/"
+    assert set(app["args"]) <= SERVE_ARGS and app["args"]["model"]
+    assert app["args"]["device"] in ("cpu", "cuda")
+    assert isinstance(app["args"]["max_batch_size"], int) and isinstance(app["args"]["batch_wait_timeout_s"], float)
+    assert {d["name"] for d in app.get("deployments", [])} <= {SERVE_DEPLOYMENT}
+
+
+@pytest.mark.parametrize(("where", "config"), serve_configs(), ids=[w for w, _ in serve_configs()])
+def test_serve_args_accepted_by_the_application(where, config):
+    settings = pytest.importorskip("mdlm.serve.settings")
+    parsed = settings.serve_config_from_dict(config["applications"][0]["args"])
+    assert parsed.device == config["applications"][0]["args"]["device"]

@@ -1,0 +1,277 @@
+"""Batch evaluation on a real local Ray: the NELBO job against the library computed in-process on the same rows
+and seeds, 1 vs 2 actors, zero-shot corpora, generative perplexity, the MLflow run linked to the training run,
+and the CLI's bad-input cases (exit 2, field named, nothing written)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+from mdlm.config import DataConfig, model_config_for
+from mdlm.data.pipeline import prepare_dataset
+from mdlm.data.sources import shakespeare_documents
+from mdlm.data.tokenizer import train_bpe
+from mdlm.eval.batch import (
+    EvalRequest,
+    NelboSettings,
+    nelbo_job,
+    prepare,
+    read_dir_files,
+    score_rows,
+)
+from mdlm.eval.evaluator import load_scorer
+from mdlm.eval.metrics import row_generators, row_seed, sequence_nll, summarize_nelbo, unigram_entropy
+from mdlm.modeling import MDLM, ARModel, load_pretrained
+from mdlm.train import tracking
+from tests.conftest import perturb_
+
+
+def _load_cli():
+    path = Path(__file__).resolve().parents[1] / "pipelines" / "evaluate.py"
+    spec = importlib.util.spec_from_file_location("mdlm_pipelines_evaluate", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cli = _load_cli()
+pytestmark = pytest.mark.ray
+
+HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
+ROWS, BATCH, SEED = 40, 8, 3
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def world(ray_local, tmp_path_factory):
+    """Two corpora prepared by the data pipeline with one tokenizer, a tiny MDLM and a tiny AR model."""
+    root = tmp_path_factory.mktemp("eval")
+    docs = [text for _, text in shakespeare_documents()[:4]]
+    for name, part in (("a", docs[:2]), ("b", docs[2:])):
+        (root / f"src-{name}").mkdir()
+        for i, text in enumerate(part):
+            (root / f"src-{name}" / f"{i}.txt").write_text(text[:12000])
+    common = {"block_size": 32, "validation_fraction": 0.1, "test_fraction": 0.3, "max_document_chars": 800}
+    a = prepare_dataset(DataConfig(source=str(root / "src-a"), tokenizer="bpe", tokenizer_vocab_size=300,
+                                   output_dir=str(root / "a"), **common), progress=False)
+    b = prepare_dataset(DataConfig(source=str(root / "src-b"), tokenizer=a.tokenizer_path,
+                                   output_dir=str(root / "b"), **common), progress=False)
+    assert a.rows("test") >= ROWS and b.rows("test") >= 1
+    tokenizer = Tokenizer.from_file(a.tokenizer_path)
+    fields = {"vocab_size": a.vocab_size, "mask_token_id": a.mask_token_id, "bos_token_id": a.bos_token_id,
+              "eos_token_id": a.eos_token_id, "pad_token_id": a.pad_token_id, "max_seq_len": 32, "dropout": 0.0,
+              "n_layers": 2, "hidden_size": 32, "n_heads": 2, "cond_dim": 16}
+    perturb_(MDLM(model_config_for("cpu", **fields), tokenizer=tokenizer), scale=0.1).save_pretrained(root / "mdlm")
+    perturb_(ARModel(model_config_for("cpu", kind="ar", **fields), tokenizer=tokenizer), scale=0.1, seed=1) \
+        .save_pretrained(root / "ar")
+    return {"root": root, "a": a, "b": b, "tokenizer": tokenizer}
+
+
+@pytest.fixture(scope="module")
+def registry(world, tmp_path_factory):
+    """An MLflow sqlite store holding a 'training run' that logged and registered the MDLM."""
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    experiment = tracking.ensure_experiment(uri, "mdlm", root / "mlartifacts")
+    run_id, _ = tracking.find_or_create_run(uri, experiment, "train-demo", str(root), {"model.hidden_size": 32})
+    source = tracking.log_artifacts(uri, run_id, world["root"] / "mdlm", "model")
+    tracking.register_model(uri, run_id, source, "mdlm-eval-test", "current")
+    tracking.finish_run(uri, run_id)
+    return {"uri": uri, "root": root, "run_id": run_id, "experiment": experiment}
+
+
+def _rows(manifest, n: int | None = None) -> np.ndarray:
+    table = pa.concat_tables([pq.read_table(f) for f in manifest.split_files("test")])
+    ids = np.stack(table.column("input_ids").to_pylist())
+    return ids[:n] if n else ids
+
+
+@pytest.fixture(scope="module")
+def one_actor(world):
+    """The NELBO job on the first ROWS test rows of corpus a, K = 2, one actor."""
+    import ray
+
+    request = EvalRequest(model=str(world["root"] / "mdlm"), data=[str(world["root"] / "a")], mlflow=False,
+                          nelbo=NelboSettings(mc_samples=2, max_rows=ROWS, batch_size=BATCH, num_actors=1, seed=SEED))
+    model, corpora, _ = prepare(request, None)
+    return nelbo_job(ray.put(read_dir_files(model.local_dir)), corpora, request.nelbo)[0]
+
+
+def test_nelbo_job_equals_the_library_in_process(world, one_actor):
+    model = load_pretrained(world["root"] / "mdlm")
+    ids = _rows(world["a"], ROWS)
+    assert one_actor.nll.shape == (ROWS, 2) and one_actor.num_tokens.tolist() == [32.0] * ROWS
+    # The same rows, seeds and groups in-process: identical numbers.
+    nll, tokens = score_rows(model, ids, None, np.arange(ROWS), mc_samples=2, seed=SEED, group_rows=BATCH)
+    assert np.array_equal(one_actor.nll, nll) and np.array_equal(one_actor.num_tokens, tokens)
+    assert one_actor.summary == summarize_nelbo(nll, tokens)
+    # Row by row with sequence_nll and each row's own generator: equal up to batched-matmul rounding.
+    single = np.concatenate([sequence_nll(model, torch.tensor(ids[i:i + 1]), mc_samples=2,
+                                          generator=row_generators(SEED, [i]))[0].numpy() for i in range(ROWS)])
+    np.testing.assert_allclose(one_actor.nll, single, rtol=1e-5)
+    # ... and with K = 1, row i is the library's own loss with generator seed row_seed(SEED, i).
+    k1, _ = score_rows(model, ids, None, np.arange(ROWS), mc_samples=1, seed=SEED, group_rows=BATCH)
+    with torch.no_grad():
+        losses = [model.loss(torch.tensor(ids[i:i + 1]), generator=torch.Generator().manual_seed(row_seed(SEED, i)))
+                  .nll_sum.item() for i in range(ROWS)]
+    np.testing.assert_allclose(k1[:, 0], losses, rtol=1e-5)
+    summary = one_actor.summary
+    assert summary.num_sequences == ROWS and summary.num_tokens == 32 * ROWS and summary.mc_samples == 2
+    assert summary.ppl_low < summary.ppl < summary.ppl_high and summary.se > 0 and summary.mc_se > 0
+
+
+def _bad(capsys, tmp_path, *args: str) -> str:
+    out = tmp_path / "bad.json"
+    code = cli.main([*args, "--output", str(out), "--no-mlflow"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert not out.exists() and not list(tmp_path.glob(".bad.json*"))
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_cli_bad_input_exits_2_naming_the_field(world, registry, tmp_path, capsys, monkeypatch):
+    root = world["root"]
+    model, data = ["--model", str(root / "mdlm")], ["--data", str(root / "a")]
+    assert "--model" in _bad(capsys, tmp_path, "--model", str(tmp_path / "nope"), *data)
+    err = _bad(capsys, tmp_path, *model, "--data", str(tmp_path / "missing"))
+    assert "--data" in err and "prepare_data.py" in err
+    assert "--mc-samples" in _bad(capsys, tmp_path, *model, *data, "--mc-samples", "0")
+    err = _bad(capsys, tmp_path, *model, *data, "--split", "dev")
+    assert "--split" in err and "'dev'" in err
+    assert "--evaluator" in _bad(capsys, tmp_path, *model, *data, "--gen-samples", "2")
+    err = _bad(capsys, tmp_path, *model, *data, "--gen-samples", "2", "--evaluator", str(root / "mdlm"))
+    assert "--evaluator" in err and "masked diffusion" in err
+    assert "--sampler" in _bad(capsys, tmp_path, *model, *data, "--gen-samples", "2", "--evaluator",
+                               str(root / "ar"), "--sampler", "greedy")
+    # A model trained with another tokenizer of the same size, and one of another size.
+    other = train_bpe(["An entirely different corpus of words. " * 50], 300)
+    config = load_pretrained(root / "mdlm").config
+    MDLM(config, tokenizer=other).save_pretrained(tmp_path / "other-tok")
+    err = _bad(capsys, tmp_path, "--model", str(tmp_path / "other-tok"), *data)
+    assert "--data" in err and "differs" in err and str(tmp_path / "other-tok") in err
+    MDLM(model_config_for("cpu", vocab_size=310, mask_token_id=309, max_seq_len=32)).save_pretrained(tmp_path / "v")
+    err = _bad(capsys, tmp_path, "--model", str(tmp_path / "v"), *data)
+    assert "300 tokens" in err and "310" in err
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry["uri"])
+    assert "--model models:/no-such-model@current" in _bad(capsys, tmp_path, "--model",
+                                                             "models:/no-such-model@current", *data)
+
+
+def _hf_or_ar_evaluator(world, tmp_path) -> Path:
+    if not HAS_TRANSFORMERS:
+        return world["root"] / "ar"
+    from tests.test_eval_metrics import make_hf_gpt2
+
+    return make_hf_gpt2(tmp_path / "gpt2", world["tokenizer"], n_positions=16)
+
+
+def test_cli_end_to_end_two_actors_zero_shot_generation_and_mlflow(world, registry, one_actor, tmp_path, capsys,
+                                                                   monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry["uri"])
+    evaluator = _hf_or_ar_evaluator(world, tmp_path)
+    out = tmp_path / "results" / "eval.json"
+    code = cli.main(["--model", "models:/mdlm-eval-test@current", "--data", str(world["root"] / "a"),
+                     "--data", f"other={world['root'] / 'b'}", "--mc-samples", "2", "--max-rows", str(ROWS),
+                     "--batch-size", str(BATCH), "--num-actors", "2", "--seed", str(SEED), "--gen-samples", "5",
+                     "--gen-length", "24", "--gen-steps", "6", "--gen-batch-size", "2", "--gen-seed", "1",
+                     "--evaluator", str(evaluator), "--output", str(out), "--runs-dir", str(tmp_path / "runs")])
+    printed = capsys.readouterr().out
+    assert code == 0
+    results = json.loads(out.read_text())
+    assert list(results["corpora"]) == ["a", "other"] and "generative perplexity" in printed
+
+    # Two actors give exactly the one-actor numbers.
+    a = results["corpora"]["a"]
+    assert a["role"] == "test" and a["metric"] == "nelbo"
+    for key in ("nelbo", "se", "mc_se", "ppl", "ppl_low", "ppl_high", "num_tokens", "num_sequences"):
+        assert a[key] == getattr(one_actor.summary, key), key
+
+    # Zero-shot corpus: the library in-process on the same rows.
+    model = load_pretrained(world["root"] / "mdlm")
+    ids = _rows(world["b"], ROWS)
+    nll, tokens = score_rows(model, ids, None, np.arange(len(ids)), mc_samples=2, seed=SEED, group_rows=BATCH)
+    other = results["corpora"]["other"]
+    assert other["role"] == "zero-shot" and other["nelbo"] == summarize_nelbo(nll, tokens).nelbo
+
+    # Generative perplexity: the same samples in-process, scored by the same evaluator.
+    gen = results["generative"]
+    assert gen["num_samples"] == 5 and [s["index"] for s in gen["samples"]] == list(range(5))
+    scorer = load_scorer(evaluator, name=str(evaluator))
+    assert gen["evaluator"]["kind"] == scorer.kind
+    bos = world["a"].bos_token_id
+    expected = []
+    for b, count in enumerate((2, 2, 1)):
+        tokens_b = model.sample(count, 24, steps=6, prefix=[bos], seed=row_seed(1, b)).tokens
+        expected += [(text, entropy) for text, entropy in
+                     zip(model.decode(tokens_b), unigram_entropy(tokens_b[:, 1:])[0], strict=True)]
+    assert [s["text"] for s in gen["samples"]] == [t for t, _ in expected]
+    assert [s["entropy"] for s in gen["samples"]] == pytest.approx([e for _, e in expected])
+    nll, counts = scorer.score_texts([t for t, _ in expected])
+    assert [s["nll"] for s in gen["samples"]] == pytest.approx(nll.tolist(), rel=1e-5)
+    assert gen["gen_ppl"] == pytest.approx(math.exp(nll.sum() / counts.sum()), rel=1e-5)
+    assert gen["entropy"] == pytest.approx(np.mean([e for _, e in expected]))
+
+    # MLflow: a child of the training run, in its experiment, with metrics and the JSON.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(registry["uri"])
+    run = client.get_run(results["mlflow"]["run_id"])
+    assert run.data.tags["mlflow.parentRunId"] == registry["run_id"] == results["training_run_id"]
+    assert run.info.experiment_id == registry["experiment"] and run.info.status == "FINISHED"
+    metrics = run.data.metrics
+    assert metrics["test_nelbo"] == a["nelbo"] and metrics["test_nelbo_se"] == a["se"]
+    assert metrics["test_ppl_bound"] == pytest.approx(a["ppl"])
+    assert metrics["zeroshot/other/test_nelbo"] == other["nelbo"]
+    assert metrics["gen_ppl"] == pytest.approx(gen["gen_ppl"]) and metrics["gen_entropy"] == gen["entropy"]
+    assert run.data.params["eval.mc_samples"] == "2" and run.data.params["model"].startswith("models:/")
+    artifact = client.download_artifacts(run.info.run_id, "evaluation/results.json", str(tmp_path))
+    assert json.loads(Path(artifact).read_text()) == results
+    assert str(registry["root"]) in run.info.artifact_uri  # the experiment's own location, not Ray's temp folders
+
+
+def test_mlflow_training_run_lookup_and_standalone_evaluation_run(registry, tmp_path):
+    from mlflow import MlflowClient
+
+    from mdlm.eval import EvalInputError, report
+
+    uri, run_id = registry["uri"], registry["run_id"]
+    for model_uri in ("models:/mdlm-eval-test@current", "models:/mdlm-eval-test/1", "models:/mdlm-eval-test/latest",
+                      f"runs:/{run_id}/model"):
+        assert report.find_training_run(model_uri, uri).run_id == run_id, model_uri
+    assert report.find_training_run(str(tmp_path / "model"), uri) is None
+    assert report.find_training_run(str(tmp_path / "model"), uri, run_id).experiment_id == registry["experiment"]
+    with pytest.raises(EvalInputError, match="--run-id 0123abcd: no such MLflow run"):
+        report.find_training_run("models:/mdlm-eval-test@current", uri, "0123abcd")
+    # A plain model path and no run id: its own experiment, with an artifact location under the runs folder.
+    summary = summarize_nelbo([[30.0], [36.0], [33.0]], [10, 12, 11])
+    results = {"model": {"uri": str(tmp_path / "model"), "model_type": "ar"}, "settings": {"split": "test"},
+               "corpora": {"c": {"role": "test", "split": "test", "metric": "nll", "data_dir": "/d",
+                                 **summary.to_dict()}}, "generative": None}
+    request = EvalRequest(model=str(tmp_path / "model"), runs_dir=str(tmp_path / "runs"))
+    info = report.log_evaluation_run(results, uri, None, request)
+    client = MlflowClient(uri)
+    run = client.get_run(info["run_id"])
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.name == "mdlm-eval" and "mlflow.parentRunId" not in run.data.tags
+    assert experiment.artifact_location == (tmp_path / "runs" / "mlartifacts").absolute().as_uri()
+    assert run.data.metrics["test_nll"] == summary.nelbo and run.data.metrics["test_ppl"] == summary.ppl
+    assert "test_ppl_bound" not in run.data.metrics and run.data.metrics["test_tokens"] == 33
