@@ -8,8 +8,8 @@ measured in one run and printed as ratios.
 The model is the 'cpu' preset's shape (or ``--size tiny|small|medium``, or a trained ``--model`` directory)
 with random weights: wall time does not depend on the weights. What the cached and first-hitting samplers
 save depends on how many distinct unmasking events there are, which is set by the schedule, the length, the
-batch and the step count, not by the weights (first-hitting: exactly one per token; cached: one per grid step
-in which any sequence of the batch unmasks something).
+batch and the step count, not by the weights (first-hitting: exactly one per token; cached: one pass per grid
+step in which any sequence of the batch unmasks something, computing only the sequences that changed).
 
 Expected forward passes for the default log-linear schedule (each token's unmasking time is uniform on
 [0, 1], so N grid steps and B x L tokens leave N * (1 - (1 - 1/N)^(B L)) steps with an event):

@@ -45,6 +45,28 @@ def demo_model(path: Path) -> Path:
     return path
 
 
+def forward_cost_per_row(model_dir: str, length: int, batch: int, threads: int) -> dict[int, float]:
+    """Seconds per row of one denoiser forward at batch 1 and at ``batch``: the most batching can give here."""
+    import torch
+
+    from mdlm.modeling import load_pretrained
+
+    torch.set_num_threads(threads)
+    model = load_pretrained(model_dir)
+    out = {}
+    for size in (1, batch):
+        z = torch.full((size, length), model.mask_id)
+        t = torch.ones(size)
+        with torch.inference_mode():
+            model.backbone(z, t)
+            reps = max(3, 64 // size)
+            started = time.perf_counter()
+            for _ in range(reps):
+                model.backbone(z, t)
+        out[size] = (time.perf_counter() - started) / reps / size
+    return out
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -109,6 +131,7 @@ def main() -> int:
     results = {}
     with tempfile.TemporaryDirectory(prefix="mdlm-bench-serve-") as tmp:
         model = args.model or str(demo_model(Path(tmp) / "model"))
+        per_row = forward_cost_per_row(model, args.length, args.batch, args.cpus)
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -131,9 +154,12 @@ def main() -> int:
         print(f"{name:14}{r['requests_per_s']:8.2f}{r['requests_per_s'] * args.length:10.0f}{r['p50_s']:8.2f}"
               f"{r['p99_s']:8.2f}{r['mean_batch']:12.1f}")
     print(f"throughput ratio batching / no batching: {ratio:.2f}  (target >= 8)")
+    ceiling = per_row[1] / per_row[args.batch]
+    print(f"denoiser forward per row: {per_row[1] * 1e3:.2f} ms at batch 1, {per_row[args.batch] * 1e3:.2f} ms "
+          f"at batch {args.batch}: batching can save at most {ceiling:.2f}x of the model's work on these cores")
     if args.output:
-        record = {"args": vars(args), "results": results, "ratio": ratio, "machine": platform.platform(),
-                  "date": time.strftime("%Y-%m-%d")}
+        record = {"args": vars(args), "results": results, "ratio": ratio, "forward_s_per_row": per_row,
+                  "machine": platform.platform(), "date": time.strftime("%Y-%m-%d")}
         Path(args.output).write_text(json.dumps(record, indent=2))
     return 0
 

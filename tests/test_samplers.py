@@ -107,6 +107,24 @@ def test_cached_equals_plain_ancestral_under_one_seed(deterministic_model, steps
         assert cached.num_forward_passes < plain.num_forward_passes
 
 
+def test_cache_recomputes_only_the_rows_that_changed(deterministic_model):
+    """Batched caching: a row is recomputed only after a step that changed it, so its cost is bounded by its
+    own masked tokens (16), not by the number of passes the whole batch needs."""
+    m = deterministic_model
+    seen: list[int] = []
+
+    def counting_denoise(z, t):
+        seen.append(z.shape[0])
+        return m.denoise(z, t)
+
+    z = torch.full((6, 16), m.mask_id)
+    out = ancestral_sample(counting_denoise, z, m.schedule, m.mask_id, steps=100, cache=True,
+                           generator=torch.Generator().manual_seed(5))
+    assert out.num_forward_passes == len(seen) > 16  # the batch needs more passes than any one row...
+    assert seen[0] == 6 and sum(seen) <= 6 * 16  # ...but each row is computed at most 16 times
+    assert min(seen[1:]) < 6
+
+
 @pytest.mark.parametrize("sampler", ["ancestral", "cached", "first_hitting"])
 @pytest.mark.parametrize("steps", [1, 7, 50])
 def test_no_mask_left_and_prefix_kept(deterministic_model, sampler, steps):

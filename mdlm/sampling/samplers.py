@@ -49,8 +49,10 @@ def ancestral_sample(denoise: Denoise, z: Tensor, schedule: NoiseSchedule, mask_
                      generator: torch.Generator | None = None, callback: StepCallback | None = None) -> SampleOutput:
     """Ancestral sampling on the uniform grid t_i = 1 - i / steps, ending at t = 0 with nothing masked.
 
-    ``cache=True`` reuses x_theta while z is unchanged (valid only without time conditioning): the same
-    draws as without it under one seed, and at most min(steps, number of masked tokens) forward passes.
+    ``cache=True`` reuses x_theta for every row whose z is unchanged (valid only without time conditioning,
+    where x_theta depends on z alone) and recomputes only the rows that changed: the same draws as without
+    it under one seed, and per row at most min(steps, number of masked tokens) forward computations, however
+    many other rows share the batch.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -59,22 +61,28 @@ def ancestral_sample(denoise: Denoise, z: Tensor, schedule: NoiseSchedule, mask_
     batch = z.shape[0]
     times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     log_probs: Tensor | None = None
+    stale = torch.ones(batch, dtype=torch.bool, device=z.device)  # rows whose cached x_theta is out of date
     passes = 0
     for i in range(steps):
         masked = z == mask_id
         if not masked.any():
             break
         t, s = times[i], times[i + 1]
-        if log_probs is None or not cache:
+        if not cache or log_probs is None or bool(stale.all()):
             log_probs = denoise(z, t.expand(batch).to(z.device, torch.float32))
             passes += 1
+        elif stale.any():
+            rows = stale.nonzero().squeeze(1)
+            log_probs[rows] = denoise(z[rows], t.expand(rows.numel()).to(z.device, torch.float32))
+            passes += 1
+        stale.zero_()
         p_unmask = reverse_unmask_prob(schedule, s, t).item()
         unmask = masked & (uniform(tuple(z.shape), dtype=dtype, device=z.device, generator=generator) < p_unmask)
         if unmask.any():
             # Only the positions that unmask need their distribution in sampling precision.
             z[unmask] = sample_categorical(_token_probs(log_probs[unmask], top_p, dtype), dtype=dtype,
                                            generator=generator)
-            log_probs = None  # z changed: the cache is stale
+            stale |= unmask.any(dim=1)  # these rows changed: their cached x_theta is out of date
         if callback is not None:
             callback(i, z)
     return SampleOutput(tokens=z, num_forward_passes=passes)
