@@ -89,7 +89,7 @@ def main() -> int:
         model = build_model(model_config_for_data(config.model, data_fields(block)), config.noise)
         flops = matmul_flops_per_token(model, block)
         peak = matmul_ceiling(args.cpus)
-        plain = plain_loop(config, rows, args.steps, args.cpus)
+        plain_before = plain_loop(config, rows, args.steps, args.cpus)
 
         import ray
 
@@ -101,10 +101,14 @@ def main() -> int:
         result = fit(config, payload, {"train": ray.data.from_numpy(rows).rename_columns({"data": "input_ids"})})
         ray.shutdown()
         ours = float(result.metrics["tokens_per_s"])
+        # The baseline before and after the Ray run, averaged: shared machines drift by 10-20% within minutes.
+        plain_after = plain_loop(config, rows, args.steps, args.cpus)
+        plain = (plain_before + plain_after) / 2
     print(f"model: {model.backbone.num_parameters() / 1e6:.2f}M parameters, {flops / 1e6:.1f} MFLOP/token; "
           f"global batch {config.training.global_batch_size} x {block} tokens; {args.steps} steps; "
           f"matmul ceiling {peak / 1e9:.0f} GFLOP/s on {args.cpus} cores")
-    print(f"plain single process ({args.cpus} threads): {plain:10.0f} tokens/s   MFU {plain * flops / peak:.3f}")
+    print(f"plain single process ({args.cpus} threads): {plain:10.0f} tokens/s   MFU {plain * flops / peak:.3f}"
+          f"   (before {plain_before:.0f}, after {plain_after:.0f})")
     print(f"Ray Train, {args.workers} workers FSDP2:     {ours:10.0f} tokens/s   MFU {ours * flops / peak:.3f}")
     print(f"ratio Ray / plain: {ours / plain:.2f}  (target >= 0.9)")
     return 0

@@ -238,7 +238,10 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     bf16 = training.precision == "bf16"
     plan = ParallelPlan(fsdp=world > 1 or device.type == "cuda",
                         param_dtype=torch.bfloat16 if bf16 else None,
-                        activation_checkpointing=run.activation_checkpointing, compile=run.compile)
+                        activation_checkpointing=run.activation_checkpointing, compile=run.compile,
+                        # On GPU, free the gathered parameters after forward (memory); on CPU, where models are
+                        # small and each gloo all-gather costs latency, keep them for the backward pass.
+                        reshard_after_forward=device.type == "cuda")
     parallelize(model, plan)
     autocast = bf16 and not plan.fsdp  # FSDP2's MixedPrecisionPolicy casts instead
     optimizer = build_optimizer(model, training)
