@@ -239,9 +239,11 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     plan = ParallelPlan(fsdp=world > 1 or device.type == "cuda",
                         param_dtype=torch.bfloat16 if bf16 else None,
                         activation_checkpointing=run.activation_checkpointing, compile=run.compile,
-                        # On GPU, free the gathered parameters after forward (memory); on CPU, where models are
-                        # small and each gloo all-gather costs latency, keep them for the backward pass.
-                        reshard_after_forward=device.type == "cuda")
+                        # GPU: a unit per block, freed after forward (memory; collectives overlap compute on
+                        # their own streams). CPU: gloo collectives block the compute thread and CPU-sized
+                        # models are small, so one unit (the root) kept for the backward pass: one all-gather
+                        # and one reduce-scatter per step.
+                        reshard_after_forward=device.type == "cuda", shard_blocks=device.type == "cuda")
     parallelize(model, plan)
     autocast = bf16 and not plan.fsdp  # FSDP2's MixedPrecisionPolicy casts instead
     optimizer = build_optimizer(model, training)

@@ -27,6 +27,7 @@ class ParallelPlan:
     activation_checkpointing: bool = False
     compile: bool = False
     reshard_after_forward: bool = True
+    shard_blocks: bool = True  # a unit per block (overlap, memory: GPU) or the root alone (fewest collectives)
 
 
 def enable_activation_checkpointing(block: nn.Module) -> None:
@@ -66,7 +67,7 @@ def parallelize(model: MDLM | ARModel, plan: ParallelPlan, mesh=None) -> MDLM | 
             # logits reads them out of place (float(), log_softmax), which is what FSDP2's warning asks for.
             warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         policy = MixedPrecisionPolicy(param_dtype=plan.param_dtype, reduce_dtype=plan.reduce_dtype)
-        for i, block in enumerate(blocks):
+        for i, block in enumerate(blocks if plan.shard_blocks else ()):
             # The last block's parameters are needed again at once by the backward pass: keep them.
             reshard = plan.reshard_after_forward and i < len(blocks) - 1
             fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
