@@ -289,10 +289,12 @@ class Config:
 
 
 def _positive(obj: Any, prefix: str, *names: str) -> None:
+    """ConfigError naming ``prefix.name`` (or ``name`` when the prefix is empty) unless each value is > 0."""
     for name in names:
         value = getattr(obj, name)
         if not value > 0:  # also rejects NaN
-            raise ConfigError(f"{prefix}.{name}: must be > 0, got {value}")
+            raise ConfigError(f"{prefix}.{name}: must be > 0, got {value}" if prefix else
+                              f"{name}: must be > 0, got {value}")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -28,3 +28,14 @@ def perturb_(module: torch.nn.Module, scale: float = 0.2, seed: int = 0) -> torc
 def tiny_config():
     return model_config_for("cpu", vocab_size=32, mask_token_id=31, max_seq_len=16, dropout=0.0, n_layers=2,
                             hidden_size=64, n_heads=4, cond_dim=32)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray on 2 CPUs for one test module (no dashboard, no progress bars), shut down after it."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()

@@ -51,16 +51,6 @@ ROWS, BATCH, SEED = 40, 8, 3
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def world(ray_local, tmp_path_factory):
     """Two corpora prepared by the data pipeline with one tokenizer, a tiny MDLM and a tiny AR model."""
     root = tmp_path_factory.mktemp("eval")

@@ -12,14 +12,7 @@ import mdlm
 from mdlm.config import ConfigError, NoiseConfig, model_config_for
 from mdlm.data.tokenizer import train_bpe
 from mdlm.modeling import MDLM, ARModel
-
-SENTENCES = [
-    "The quick brown fox jumps over the lazy dog.",
-    "To be, or not to be, that is the question.",
-    "All the world's a stage, and all the men and women merely players.",
-    "Now is the winter of our discontent made glorious summer by this sun of York.",
-    "Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him.",
-] * 4
+from tests.serve_support import SENTENCES
 
 
 @pytest.fixture(scope="module")

@@ -20,16 +20,6 @@ DATA = {"vocab_size": 64, "mask_token_id": 63, "bos_token_id": 0, "eos_token_id"
         "block_size": 16}
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
-
-
 def _config(root: Path, name: str, *overrides: str):
     return load_config("cpu-ray", [
         "model.n_layers=2", "model.hidden_size=32", "model.n_heads=2", "model.cond_dim=16", "model.dropout=0.0",

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import yaml
 
-from mdlm.config import ConfigError, dataclass_from_dict
+from mdlm.config import ConfigError, _positive, dataclass_from_dict
 
 
 @dataclass
@@ -50,11 +50,9 @@ class ServeConfig:
     def validate(self) -> ServeConfig:
         if not self.model:
             raise ConfigError("model: required (a model directory, fsspec URL or models:/NAME@ALIAS)")
-        for name in ("port", "num_replicas", "min_replicas", "max_replicas", "max_batch_size", "max_num_samples",
-                     "max_steps", "max_prompt_chars", "max_texts", "max_text_chars", "max_mc_samples",
-                     "max_body_bytes", "max_stream_frames", "num_cpus", "target_ongoing_requests"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
+        _positive(self, "", "port", "num_replicas", "min_replicas", "max_replicas", "max_batch_size",
+                  "max_num_samples", "max_steps", "max_prompt_chars", "max_texts", "max_text_chars", "max_mc_samples",
+                  "max_body_bytes", "max_stream_frames", "num_cpus", "target_ongoing_requests")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port: {self.port} is not a TCP port")
         for name in ("max_length", "torch_threads"):
