@@ -30,9 +30,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mdlm.config import NoiseConfig, model_config_for
+from mdlm.config import NoiseConfig, TrainingConfig, model_config_for
 from mdlm.modeling import MDLM
-from mdlm.train.loop import matmul_flops_per_token
+from mdlm.train.mfu import matmul_flops_per_token, measure_matmul_ceiling
+from mdlm.train.optim import build_optimizer
 from mdlm.train.parallelize import ParallelPlan, parallelize
 
 RECORDS: list[dict] = []
@@ -48,20 +49,6 @@ def emit(**record) -> None:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def matmul_ceiling(device: torch.device, n: int) -> float:
-    dtype = torch.bfloat16
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    reps = 10
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
 def train_throughput(name: str, model: MDLM, step_fn, batch: torch.Tensor, steps: int, warmup: int,
@@ -112,7 +99,6 @@ def _option(variant: str, prefix: str, default: int) -> int:
 
 
 def section_train(args, device: torch.device, peak: float) -> None:
-    fused = device.type == "cuda"
     variants = args.train.split(",") if not args.smoke else ["eager", "fsdp2-pad64"]
     for variant in variants:
         if time.perf_counter() - STARTED > args.budget_s * 0.6:
@@ -133,7 +119,7 @@ def section_train(args, device: torch.device, peak: float) -> None:
                 plan = ParallelPlan(param_dtype=torch.bfloat16, compile=not args.smoke,
                                     reshard_after_forward="noreshard" not in variant)
                 parallelize(model, plan)  # the library's parallelize step: per-block fully_shard, then the root
-            optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=fused)
+            optimizer = build_optimizer(model, TrainingConfig(lr=3e-4))  # the library's (fused) AdamW
             step = make_step(model, optimizer, autocast=not variant.startswith("fsdp2"), device=device)
             train_throughput(variant, model, step, batch, args.train_steps, args.warmup, peak, device)
             del model, optimizer
@@ -192,6 +178,7 @@ def main() -> int:
     parser.add_argument("--budget-s", type=float, default=420.0)
     parser.add_argument("--train", default="fsdp2,fsdp2-pad64,fsdp2-pad64-b64", help="training variants")
     parser.add_argument("--sample-length", type=int, default=256)
+    parser.add_argument("--sections", default="train,sample,batching", help="which sections to run")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.size, args.seq_len, args.batch = ("small", 1024, 32) if not args.smoke else ("cpu", 64, 4)
@@ -199,13 +186,17 @@ def main() -> int:
     args.sample_length = args.sample_length if not args.smoke else 32
     emit(section="env", torch=torch.__version__, device=torch.cuda.get_device_name() if device.type == "cuda"
          else "cpu", size=args.size, seq_len=args.seq_len, batch=args.batch)
-    peak = matmul_ceiling(device, 8192 if not args.smoke else 512)
+    peak = measure_matmul_ceiling(device, size=8192 if not args.smoke else 512, dtype=torch.bfloat16)
     emit(section="matmul", bf16_tflops=round(peak / 1e12, 1))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    section_train(args, device, peak)
-    section_sample(args, device)
-    section_batching(args, device)
+    sections = set(args.sections.split(","))
+    if "train" in sections:
+        section_train(args, device, peak)
+    if "sample" in sections:
+        section_sample(args, device)
+    if "batching" in sections:
+        section_batching(args, device)
     if args.out:
         args.out.write_text(json.dumps(RECORDS, indent=1))
     if torch.distributed.is_initialized():

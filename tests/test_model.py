@@ -113,7 +113,7 @@ def test_vocab_padding_changes_nothing_but_the_head_shape(tiny_config):
     """Padding columns of the output layer never reach a softmax: same logits, same loss, same FLOP count."""
     from dataclasses import replace
 
-    from mdlm.train.loop import matmul_flops_per_token
+    from mdlm.train.mfu import matmul_flops_per_token
 
     plain = perturb_(MDLM(tiny_config), seed=3)
     padded = MDLM(replace(tiny_config, vocab_pad_multiple=64))

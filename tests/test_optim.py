@@ -75,6 +75,21 @@ def test_build_optimizer_uses_config_hyperparameters():
     assert not any(p is model[1].bias for p in params)
 
 
+def test_one_step_matches_the_adamw_update_in_closed_form():
+    """theta <- theta (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps), m_hat = g, v_hat = g^2 after one step."""
+    model = nn.Linear(3, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    config = TrainingConfig(lr=1e-2, beta1=0.9, beta2=0.99, adam_eps=1e-8, weight_decay=0.1)
+    optimizer = build_optimizer(model, config)
+    assert optimizer.defaults["fused"]  # one kernel for all parameters on CPU
+    model(torch.randn(5, 3)).square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    optimizer.step()
+    for p, p0, g in zip(model.parameters(), before, grads, strict=True):
+        expected = p0 * (1 - 1e-2 * 0.1) - 1e-2 * g / (g.abs() + 1e-8)
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_scheduler_applies_multiplier_to_lr():
     model = nn.Linear(2, 2)
     config = TrainingConfig(lr=1e-3, warmup_steps=4, max_steps=12, lr_schedule="cosine", min_lr_ratio=0.2)

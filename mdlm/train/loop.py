@@ -28,6 +28,7 @@ from mdlm.config import Config, ModelConfig, config_from_dict
 from mdlm.modeling import MDLM, ARModel, build_model
 from mdlm.train.checkpoint import TrainProgress, full_state_dict, is_complete, load_checkpoint, save_checkpoint
 from mdlm.train.ema import EMA
+from mdlm.train.mfu import matmul_flops_per_token, measure_matmul_ceiling
 from mdlm.train.optim import build_optimizer, build_scheduler
 from mdlm.train.parallelize import ParallelPlan, parallelize, reshard
 from mdlm.train.tracking import MetricBuffer, register_model, system_metrics
@@ -43,31 +44,6 @@ def model_config_for_data(model: ModelConfig, data: dict[str, Any]) -> ModelConf
         model, vocab_size=data["vocab_size"], mask_token_id=data["mask_token_id"] if model.kind == "mdlm" else
         data.get("mask_token_id"), bos_token_id=data.get("bos_token_id"), eos_token_id=data.get("eos_token_id"),
         pad_token_id=data.get("pad_token_id"), max_seq_len=data["block_size"])
-
-
-def matmul_flops_per_token(model: MDLM | ARModel, seq_len: int) -> float:
-    """6 x (parameters used in matmuls) + 12 x layers x width x length: training FLOPs per token."""
-    c = model.config
-    matmul = sum(p.numel() for n, p in model.backbone.named_parameters() if p.dim() == 2 and "embed." not in n)
-    matmul -= (model.backbone.final.linear.out_features - c.vocab_size) * c.hidden_size  # padding is no work
-    return 6.0 * matmul + 12.0 * c.n_layers * c.hidden_size * seq_len
-
-
-def measure_peak_flops(device: torch.device) -> float:
-    """Dense matmul ceiling of this worker (bf16 on GPU, fp32 on CPU), FLOP/s."""
-    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (512, torch.float32)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    reps = 10 if device.type == "cuda" else 4
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2.0 * n**3 * reps / (time.perf_counter() - start)
 
 
 class Collate:
@@ -270,7 +246,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
 
     tracking_uri, run_id = payload.get("tracking_uri"), payload.get("mlflow_run_id")
     metrics_buffer = MetricBuffer(tracking_uri, run_id if rank == 0 else None)
-    peak = measure_peak_flops(device) * world
+    peak = measure_matmul_ceiling(device) * world
     noise_generator = torch.Generator(device=device)
     started, tokens_at_start, first_step = time.perf_counter(), progress.tokens_seen, True
     last_report = {}

@@ -1,0 +1,55 @@
+"""Model FLOPs utilisation: training FLOPs per token and the measured matmul ceiling of a device.
+
+MFU = tokens/s x ``matmul_flops_per_token`` / ``measure_matmul_ceiling``. Only torch is imported here, so
+the GPU check script and the training loop share one definition.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+
+def matmul_flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """6 x (matmul parameters applied to every token) + 12 x layers x width x length: training FLOPs per token.
+
+    ``model`` is an MDLM or AR model (``.backbone``, ``.config``). Not counted: embedding tables (lookups),
+    the time embedding and adaLN modulation layers (applied once per sequence to the conditioning vector, not
+    per token), and output columns added by ``vocab_pad_multiple`` (no useful work).
+    """
+    c = model.config
+    per_sequence = ("embed.", "time_embed.", "adaln.")
+    matmul = sum(p.numel() for n, p in model.backbone.named_parameters()
+                 if p.dim() == 2 and not any(part in n for part in per_sequence))
+    matmul -= (model.backbone.final.linear.out_features - c.vocab_size) * c.hidden_size
+    return 6.0 * matmul + 12.0 * c.n_layers * c.hidden_size * seq_len
+
+
+def measure_matmul_ceiling(device: torch.device | str = "cpu", *, size: int | None = None,
+                           dtype: torch.dtype | None = None, rounds: int = 5) -> float:
+    """Dense square matmul throughput of ``device`` in FLOP/s (bf16 8192^2 on GPU, fp32 512^2 on CPU).
+
+    The best of ``rounds`` timed rounds: a ceiling is the fastest the hardware went, and taking the best
+    keeps a busy neighbour on a shared machine from lowering it (which would inflate MFU).
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    n = size or (8192 if cuda else 512)
+    a = torch.randn(n, n, device=device, dtype=dtype or (torch.bfloat16 if cuda else torch.float32))
+    b = torch.randn_like(a)
+    reps = 10 if cuda else 4
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    for _ in range(rounds):
+        if cuda:
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        if cuda:
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n**3 * reps / best
