@@ -219,6 +219,9 @@ class DataConfig:
             raise ConfigError(f"{prefix}.encoding: unknown encoding {self.encoding!r}") from None
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
 @dataclass
 class RunConfig:
     """Where and how a distributed training run executes (Ray Train, MLflow, checkpoints)."""
@@ -228,6 +231,7 @@ class RunConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 0.5  # fractional on CPU so Ray Data ingest is not starved
+    placement_strategy: str = "PACK"  # Ray placement of the workers: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD
     threads_per_worker: int | None = None  # torch intra-op threads per worker (None: Ray's OMP_NUM_THREADS)
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
@@ -254,6 +258,9 @@ class RunConfig:
         for name in ("eval_every", "shuffle_buffer"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{prefix}.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ConfigError(f"{prefix}.placement_strategy: {self.placement_strategy!r} is not one of "
+                              f"{', '.join(PLACEMENT_STRATEGIES)}")
         if self.model_alias.lower() == "latest":
             raise ConfigError(f"{prefix}.model_alias: 'latest' is reserved by MLflow")
 

@@ -273,6 +273,7 @@ def test_literal_error_lists_choices():
     (["noise.sampling_eps=0"], "noise.sampling_eps"),
     (["noise.sigma_min=2", "noise.sigma_max=1"], "noise.sigma_min"),
     (["noise.schedule=geometric", "noise.sigma_min=0"], "noise.sigma_min"),
+    (["run.placement_strategy=spread"], "run.placement_strategy"),  # Ray's names are upper case
 ])
 def test_semantic_checks_name_key(overrides, key):
     with pytest.raises(ConfigError) as info:

@@ -170,7 +170,7 @@ def fit(config: Config, payload: dict[str, Any], datasets: dict[str, Any]):
         train_loop_per_worker=_entry,
         train_loop_config=payload,
         scaling_config=ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources, placement_strategy=run.placement_strategy),
         run_config=RunConfig(name=run.name, storage_path=storage,
                              checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=run.max_failures)),
