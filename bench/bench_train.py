@@ -4,9 +4,10 @@ same model, global batch and cores, measured in one run and printed as a ratio.
     python bench/bench_train.py [--steps 40] [--workers 2] [--rounds 3] [a.b=value overrides]
 
 Both sides train the 'cpu-ray' preset model on the same synthetic token rows for the same number of optimizer
-steps; tokens/s counts the tokens of steps 2..N over the time from the end of step 1 to the end of step N on
-both sides (start-up, the first Ray Data blocks and one-off allocations are in step 1). Each Ray run is compared
-with the mean of the plain runs just before and after it; the median ratio over the rounds is the result.
+steps; tokens/s counts the tokens of steps 2..N over the time spent in them on both sides (start-up, the first
+Ray Data blocks and one-off allocations are in step 1; the plain loop has nothing between its steps). Each Ray
+run is compared with the mean of the plain runs just before and after it; the median ratio over the rounds is
+the result.
 MFU = tokens/s x training FLOPs per token / the matmul ceiling of the cores, measured here.
 """
 

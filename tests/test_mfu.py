@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mdlm.config import ModelConfig, NoiseConfig
 from mdlm.modeling import build_model
-from mdlm.train.mfu import matmul_flops_per_token, measure_matmul_ceiling
+from mdlm.train.mfu import StepThroughput, matmul_flops_per_token, measure_matmul_ceiling
 
 
 @pytest.mark.parametrize("kind", ["mdlm", "ar"])
@@ -44,3 +44,21 @@ def test_matmul_ceiling_is_at_least_what_one_timed_matmul_reaches():
     single = 2 * 256**3 / (time.perf_counter() - start)
     assert 1e8 < ceiling < 1e13
     assert ceiling > 0.5 * single  # the best round, not a slow outlier
+
+
+def test_throughput_counts_only_time_inside_steps_after_the_first():
+    now = [0.0]
+    meter = StepThroughput(clock=lambda: now[0])
+
+    def step(seconds: float, tokens: int = 100) -> float:
+        meter.start()
+        now[0] += seconds
+        return meter.stop(tokens)
+
+    assert step(5.0) == pytest.approx(20.0)  # the first step (compilation) is reported on its own ...
+    assert step(0.5) == pytest.approx(200.0)  # ... and not averaged into the rest
+    now[0] += 30.0  # a checkpoint between steps
+    assert step(0.5) == pytest.approx(200.0)
+    assert step(1.0) == pytest.approx(300 / 2.0)
+    with pytest.raises(RuntimeError, match="without start"):
+        meter.stop(1)

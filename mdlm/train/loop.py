@@ -14,7 +14,6 @@ import math
 import os
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from mdlm.config import Config, ModelConfig, config_from_dict
 from mdlm.modeling import MDLM, ARModel, build_model
 from mdlm.train.checkpoint import TrainProgress, full_state_dict, is_complete, load_checkpoint, save_checkpoint
 from mdlm.train.ema import EMA
-from mdlm.train.mfu import matmul_flops_per_token, measure_matmul_ceiling
+from mdlm.train.mfu import StepThroughput, matmul_flops_per_token, measure_matmul_ceiling
 from mdlm.train.optim import build_optimizer, build_scheduler
 from mdlm.train.parallelize import ParallelPlan, parallelize, reshard
 from mdlm.train.tracking import MetricBuffer, register_model, system_metrics
@@ -248,7 +247,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     metrics_buffer = MetricBuffer(tracking_uri, run_id if rank == 0 else None)
     peak = measure_matmul_ceiling(device) * world
     noise_generator = torch.Generator(device=device)
-    started, tokens_at_start, first_step = time.perf_counter(), progress.tokens_seen, True
+    # Device work still queued when a step ends is paid by the next step's loss sync.
+    throughput = StepThroughput()
     last_report = {}
     stop_reason = None
 
@@ -256,6 +256,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         while progress.step < training.max_steps:
             # Randomness (masking, time samples, dropout) is a function of (seed, rank, step): a resumed run
             # draws exactly what an uninterrupted one would.
+            throughput.start()
+            tokens_before = progress.tokens_seen
             step_seed = training.seed + 1_000_003 * (rank + 1) + 7919 * progress.step
             noise_generator.manual_seed(step_seed)
             torch.manual_seed(step_seed)
@@ -283,10 +285,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             if run.fail_at_step is not None and progress.step == run.fail_at_step and restored_from is None:
                 raise RuntimeError(f"injected failure at step {progress.step} (run.fail_at_step)")
 
-            now = time.perf_counter()
-            tokens_per_s = (progress.tokens_seen - tokens_at_start) / max(now - started, 1e-9)
-            if first_step:  # the first step pays for data start-up and compilation: time from its end on
-                first_step, started, tokens_at_start = False, now, progress.tokens_seen
+            tokens_per_s = throughput.stop(progress.tokens_seen - tokens_before)
             metrics = {"loss": loss, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
                        "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops_per_token / peak,
                        "tokens_seen": float(progress.tokens_seen), "epoch": float(progress.epoch)}

@@ -7,6 +7,7 @@ the GPU check script and the training loop share one definition.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -53,3 +54,34 @@ def measure_matmul_ceiling(device: torch.device | str = "cpu", *, size: int | No
             torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2.0 * n**3 * reps / best
+
+
+class StepThroughput:
+    """Tokens/s over the time spent inside training steps.
+
+    The first step (data start-up, compilation) is reported on its own and left out of the running rate;
+    whatever happens between ``start`` and the previous ``stop`` (checkpoints, evaluation) is not counted, so
+    a checkpoint does not drag tokens/s and MFU down for the rest of the run.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
+        self.seconds = 0.0
+        self.tokens = 0
+        self.steps = 0
+        self._started: float | None = None
+
+    def start(self) -> None:
+        self._started = self.clock()
+
+    def stop(self, tokens: int) -> float:
+        """End the step that processed ``tokens`` tokens; return the current tokens/s."""
+        if self._started is None:
+            raise RuntimeError("StepThroughput.stop() without start()")
+        elapsed, self._started = self.clock() - self._started, None
+        self.steps += 1
+        if self.steps == 1:
+            return tokens / max(elapsed, 1e-9)
+        self.seconds += elapsed
+        self.tokens += tokens
+        return self.tokens / max(self.seconds, 1e-9)
