@@ -60,8 +60,8 @@ class StepThroughput:
     """Tokens/s over the time spent inside training steps.
 
     The first step (data start-up, compilation) is reported on its own and left out of the running rate;
-    whatever happens between ``start`` and the previous ``stop`` (checkpoints, evaluation) is not counted, so
-    a checkpoint does not drag tokens/s and MFU down for the rest of the run.
+    whatever happens between a ``stop`` and the next ``start`` (checkpoints, evaluation) is not counted, so a
+    checkpoint does not drag tokens/s and MFU down for the rest of the run.
     """
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
