@@ -4,6 +4,15 @@ them. Needs no MLflow, tokenizer or prepared corpus, so it runs on a bare GPU ma
 
     python bench/gpu_ray_train.py [--steps 30] [--workers 1] [a.b=value overrides]
     python bench/gpu_ray_train.py --smoke          # CPU, tiny model: checks the script
+
+A GPU machine without network access can take Ray as a folder on PYTHONPATH, built where pip works, for that
+machine's Python version:
+
+    pip install --target raybundle --no-deps --python-version 3.12 --only-binary=:all: \
+        --platform manylinux2014_x86_64 ray==2.60.0 pyarrow pandas pydantic pydantic_core msgpack jsonschema \
+        referencing attrs protobuf click tensorboardX fsspec python-dateutil six annotated-types \
+        jsonschema-specifications rpds-py typing-inspection typing_extensions packaging filelock
+    PYTHONPATH=raybundle:. python3 bench/gpu_ray_train.py
 """
 
 from __future__ import annotations
