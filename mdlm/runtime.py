@@ -18,3 +18,13 @@ def init_ray(num_cpus: int | None = None) -> bool:
     else:
         ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False)
     return True
+
+
+READ_CPUS = 0.25  # logical CPUs of a Ray Data read task: reading is light
+RESERVED_CPUS = 0.5  # kept free of model/tokenizer actors so that read tasks are never starved
+
+
+def actor_cpu_share(cluster_cpus: float, actors: int) -> float:
+    """CPUs per actor when ``actors`` share a cluster of ``cluster_cpus``, keeping ``RESERVED_CPUS`` free for
+    read tasks; between 0.05 and 1."""
+    return max(0.05, min(1.0, round((cluster_cpus - RESERVED_CPUS) / actors, 2)))

@@ -31,7 +31,7 @@ from mdlm.eval.batch import (
 from mdlm.eval.evaluator import load_scorer
 from mdlm.eval.metrics import row_generators, row_seed, sequence_nll, summarize_nelbo, unigram_entropy
 from mdlm.modeling import MDLM, ARModel, load_pretrained
-from mdlm.train import tracking
+from mdlm import tracking
 from tests.conftest import perturb_
 
 

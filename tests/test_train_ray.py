@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mdlm.config import load_config
-from mdlm.train import tracking
+from mdlm import tracking
 from mdlm.train.launcher import fit
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

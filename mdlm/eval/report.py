@@ -31,7 +31,7 @@ RESULTS_NAME = "results.json"
 
 def tracking_uri(runs_dir: str | os.PathLike[str]) -> str:
     """``MLFLOW_TRACKING_URI``, else the sqlite store under the runs folder (as the training launcher)."""
-    from mdlm.train.tracking import default_tracking_uri
+    from mdlm.tracking import default_tracking_uri
 
     return default_tracking_uri(runs_dir)
 
@@ -159,7 +159,7 @@ def log_evaluation_run(results: dict[str, Any], tracking_uri: str, parent: Train
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
-    from mdlm.train.tracking import ensure_experiment
+    from mdlm.tracking import ensure_experiment
 
     client = MlflowClient(tracking_uri)
     if parent is not None:

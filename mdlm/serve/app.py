@@ -228,7 +228,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     settings = serve_config_from_dict(args)
     settings.model = _absolute_model(settings.model)
     if settings.tracking_uri is None and settings.model.startswith(("models:/", "runs:/")):
-        from mdlm.train.tracking import default_tracking_uri
+        from mdlm.tracking import default_tracking_uri
 
         settings.tracking_uri = default_tracking_uri("runs")
     return MDLMService.options(**settings.deployment_options()).bind(settings.to_dict())

@@ -20,7 +20,7 @@ import yaml
 from mdlm.config import Config, ConfigError
 from mdlm.data.sources import DEFAULT_CORPUS
 from mdlm.runtime import init_ray
-from mdlm.train import tracking
+from mdlm import tracking
 
 
 class TrainingError(RuntimeError):

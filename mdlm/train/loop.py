@@ -30,7 +30,7 @@ from mdlm.train.ema import EMA
 from mdlm.train.mfu import StepThroughput, matmul_flops_per_token, measure_matmul_ceiling
 from mdlm.train.optim import build_optimizer, build_scheduler
 from mdlm.train.parallelize import ParallelPlan, parallelize, reshard
-from mdlm.train.tracking import MetricBuffer, register_model, system_metrics
+from mdlm.tracking import MetricBuffer, register_model, system_metrics
 
 
 class NonFiniteLoss(RuntimeError):
@@ -307,7 +307,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         if stop_reason is not None:
             metrics_buffer.flush()
             if rank == 0 and run_id is not None:
-                from mdlm.train.tracking import STOPPED_TAG, set_tag
+                from mdlm.tracking import STOPPED_TAG, set_tag
 
                 set_tag(tracking_uri, run_id, STOPPED_TAG, stop_reason)
             _log(f"[mdlm] stopping: {stop_reason}; the last checkpoint is kept")
@@ -361,7 +361,7 @@ def _export(model, ema: EMA | None, payload: dict[str, Any], rank: int) -> None:
                         noise_config=model.noise_config, state_dict=state, tokenizer=tokenizer)
     tracking_uri, run_id = payload.get("tracking_uri"), payload.get("mlflow_run_id")
     if run_id and "://" not in export_dir:
-        from mdlm.train.tracking import log_artifacts
+        from mdlm.tracking import log_artifacts
 
         source = log_artifacts(tracking_uri, run_id, export_dir, "model")
         name = payload.get("registered_model")
