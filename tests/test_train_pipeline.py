@@ -3,11 +3,17 @@ a NaN stop, and ``ray job submit`` against a local head node."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -93,22 +99,158 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ray_job_submit_against_a_local_head(tmp_path):
-    env = _env(tmp_path)
-    env["RAY_AUTH_MODE"] = "disabled"
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    port, dashboard = _free_port(), _free_port()
-    subprocess.run([ray_bin, "start", "--head", "--num-cpus=2", f"--port={port}", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dashboard}", "--include-dashboard=true", "--disable-usage-stats"],
-                   env=env, check=True, capture_output=True, timeout=120)
+README_CLUSTER_COMMANDS = [  # README.md, "Against a running cluster" (comments dropped, continuations joined)
+    "export RAY_AUTH_MODE=token",
+    "ray get-auth-token --generate > /dev/null",
+    "ray start --head --num-cpus 2",
+    "ray job submit --address http://127.0.0.1:8265 -- python pipelines/train.py run.storage_path=$PWD/runs/ray "
+    "data.output_dir=$PWD/data/prepared/shakespeare-bpe1024-128",
+]
+
+
+def _readme_cluster_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("Against a running cluster"):].split("```bash\n", 1)[1].split("```", 1)[0]
+    commands, pending = [], ""
+    for line in block.splitlines():
+        line = re.sub(r"\s+#.*$", "", line).strip()
+        if line.endswith("\\"):
+            pending += line[:-1].strip() + " "
+        elif line:
+            commands.append(pending + line)
+            pending = ""
+    return commands
+
+
+def _processes() -> dict[tuple[int, str], tuple[int, str, str]]:
+    """Live (not zombie) processes: (pid, start time) -> (parent pid, state, command line), from /proc."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ..., starttime (field 22)
+        if fields[0] not in ("Z", "X"):
+            out[(int(entry), fields[19])] = (int(fields[1]), fields[0], cmdline.strip())
+    return out
+
+
+def _descendants(root: int, table: dict) -> set[tuple[int, str]]:
+    children: dict[int, list[tuple[int, str]]] = {}
+    for key, (ppid, _, _) in table.items():
+        children.setdefault(ppid, []).append(key)
+    found, todo = set(), [root]
+    while todo:
+        for key in children.get(todo.pop(), []):
+            if key not in found:
+                found.add(key)
+                todo.append(key[0])
+    return found
+
+
+def _stop_group(head: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGTERM to the head's process group (``ray start --block`` takes its Ray processes down with it), then
+    SIGKILL whatever of the group is still alive after ``timeout``."""
+    pgid = head.pid  # start_new_session: the head leads its own process group
     try:
-        job = [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--",
-               sys.executable, str(ROOT / "pipelines" / "train.py"), *SMALL, "training.max_steps=2",
-               "run.name=submitted", f"run.storage_path={tmp_path / 'runs' / 'ray'}",
-               f"data.output_dir={tmp_path / 'data'}", "run.registered_model=null"]
-        out = subprocess.run(job, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        head.wait(timeout=timeout)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(_pgid(pid) == pgid for pid, _ in _processes()):
+            return
+        time.sleep(1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+    head.wait(timeout=30)
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+def test_ray_job_submit_against_a_local_head(tmp_path):
+    """The README's commands, as written, against a head with Ray's default token authentication: a private HOME
+    (the token file is the test's own), private ports and temp dir (other Ray clusters on the machine are neither
+    joined nor stopped), and only this head's process group is stopped afterwards."""
+    commands = _readme_cluster_commands()
+    assert commands == README_CLUSTER_COMMANDS, "README's cluster commands changed: update this test"
+    export, generate, start, submit = commands
+
+    auth_vars = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")  # the README's commands decide
+    env = {k: v for k, v in _env(tmp_path).items() if k not in auth_vars}
+    env["HOME"] = str(tmp_path / "home")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `ray` and `python` of this venv
+    (tmp_path / "home").mkdir()
+    name, value = export.removeprefix("export ").split("=", 1)
+    env[name] = value
+
+    def shell(command: str, timeout: int = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-c", command], env=env, cwd=tmp_path, capture_output=True, text=True,
+                              timeout=timeout)
+
+    out = shell(generate)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "home" / ".ray" / "auth_token").is_file()
+
+    port, dashboard, client, agent = (_free_port() for _ in range(4))
+    address = f"http://127.0.0.1:{dashboard}"
+    # A short private temp dir: socket paths stay under the Unix limit, and /tmp/ray/ray_current_cluster (which a
+    # plain ray.init() joins) is left alone.
+    temp_dir = tempfile.mkdtemp(prefix="rayjob-", dir="/tmp")
+    flags = (f" --block --port={port} --dashboard-host=127.0.0.1 --dashboard-port={dashboard}"
+             f" --ray-client-server-port={client} --dashboard-agent-listen-port={agent} --include-dashboard=true"
+             f" --disable-usage-stats --temp-dir={temp_dir}")
+    before = set(_processes())
+    log = (tmp_path / "head.log").open("w")
+    # cwd: the repository root, like a user's shell; the job's driver runs there, so pipelines/train.py resolves.
+    head = subprocess.Popen(["bash", "-c", "exec " + start + flags], env=env, cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    ours: set[tuple[int, str]] = set()
+    try:
+        deadline = time.monotonic() + 180
+        while "Ray runtime started" not in (tmp_path / "head.log").read_text():
+            assert head.poll() is None and time.monotonic() < deadline, (tmp_path / "head.log").read_text()[-3000:]
+            time.sleep(1)
+
+        job = submit.replace("http://127.0.0.1:8265", address) + " " + " ".join(
+            [*SMALL, "training.max_steps=2", "run.name=submitted", "run.registered_model=null"])
+        out = shell(job, timeout=600)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         assert "succeeded" in out.stdout.lower()
         assert (tmp_path / "runs" / "ray" / "submitted" / "model" / "model.safetensors").is_file()
+        job_id = re.search(r"Job '([^']+)' succeeded", out.stdout).group(1)
+        status = shell(f"ray job status --address {address} {job_id}")
+        assert status.returncode == 0 and "succeeded" in status.stdout.lower(), status.stdout + status.stderr
+        logs = shell(f"ray job logs --address {address} {job_id}")
+        assert logs.returncode == 0 and "--- sample 0 ---" in logs.stdout, logs.stdout[-3000:] + logs.stderr
+        # The token is what lets the CLI in: without RAY_AUTH_MODE=token it is refused.
+        refused = shell(f"env -u RAY_AUTH_MODE ray job status --address {address} {job_id}")
+        assert refused.returncode != 0 and "Authentication required" in refused.stdout + refused.stderr
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        table = _processes()
+        ours = (_descendants(head.pid, table) | {k for k in table if k[0] == head.pid}) - before
+        _stop_group(head)
+        log.close()
+        deadline = time.monotonic() + 60
+        while True:
+            left = {k: v[2] for k, v in _processes().items() if k in ours or temp_dir in v[2]}
+            if not left or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        for pid, _ in left:  # the test's own leftovers (pid and start time matched just above): kill, then fail
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert ours, "the head's Ray processes were not seen"
+    assert not left, f"Ray processes of this test left running: {left}"
