@@ -45,10 +45,12 @@ def build_corpus(root: Path, mb: float) -> tuple[int, int]:
 
 def baseline(root: Path, batch_size: int, max_chars: int) -> dict[str, float]:
     """Run in a fresh process with one tokenizer thread: read and cut the documents, then time tokenization."""
-    from mdlm.data.sources import split_text
+    from mdlm.config import DataConfig
+    from mdlm.data.sources import resolve_source
     from mdlm.data.tokenizer import tokenizer_from_spec
 
-    docs = [part for path in sorted(root.rglob("*.txt")) for part in split_text(path.read_text(), max_chars)]
+    config = DataConfig(source=str(root), max_document_chars=max_chars)
+    docs = [text for _, text in resolve_source(config).documents(config)]  # the pipeline's documents
     tokenizer = tokenizer_from_spec("gpt2")
     result: dict[str, float] = {"documents": len(docs)}
     for method in ("encode_batch", "encode_batch_fast"):
@@ -99,7 +101,7 @@ def main() -> int:
         from mdlm.data.pipeline import prepare_dataset
 
         start = time.perf_counter()
-        ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False)
         ray.data.from_items([{"x": 0}]).materialize()  # Ray Data's own actors start with the first dataset
         ray_start = time.perf_counter() - start
         config = DataConfig(source=str(root), tokenizer="gpt2", block_size=args.block_size,

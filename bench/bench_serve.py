@@ -26,7 +26,8 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mdlm.config import load_config
-from mdlm.data.tokenizer import train_bpe
+from mdlm.data.spec import DataSpec, resolve_model_config
+from mdlm.data.tokenizer import special_tokens_for, train_bpe
 from mdlm.modeling import build_model
 
 
@@ -34,14 +35,8 @@ def demo_model(path: Path) -> Path:
     config = load_config("cpu-ray")
     texts = [f"line {i}: to be, or not to be, that is the question of {i * 7919 % 1000}" for i in range(2000)]
     tokenizer = train_bpe(texts, config.data.tokenizer_vocab_size)
-    eos = tokenizer.token_to_id("<|endoftext|>")
-    model_config = config.model
-    model_config.vocab_size = tokenizer.get_vocab_size()
-    model_config.mask_token_id = tokenizer.token_to_id("[MASK]")
-    model_config.bos_token_id = model_config.eos_token_id = eos
-    model_config.pad_token_id = tokenizer.token_to_id("[PAD]")
-    model_config.max_seq_len = config.data.block_size
-    build_model(model_config, config.noise, tokenizer=tokenizer).save_pretrained(path)
+    spec = DataSpec.from_special(special_tokens_for(tokenizer, "bpe"), config.data.block_size)
+    build_model(resolve_model_config(config.model, spec), config.noise, tokenizer=tokenizer).save_pretrained(path)
     return path
 
 
@@ -132,7 +127,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="mdlm-bench-serve-") as tmp:
         model = args.model or str(demo_model(Path(tmp) / "model"))
         per_row = forward_cost_per_row(model, args.length, args.batch, args.cpus)
-        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         url = f"http://127.0.0.1:{port}/v1/generate"

@@ -26,25 +26,26 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mdlm.config import load_config
+from mdlm.data.spec import DataSpec, resolve_model_config
 from mdlm.modeling import build_model
 from mdlm.train.launcher import fit
-from mdlm.train.loop import model_config_for_data
 from mdlm.train.mfu import matmul_flops_per_token, measure_matmul_ceiling
 from mdlm.train.optim import build_optimizer, build_scheduler
+from mdlm.train.spec import WorkerSpec
 
 VOCAB = 1024
 
 
-def data_fields(block: int) -> dict:
-    return {"vocab_size": VOCAB, "mask_token_id": VOCAB - 1, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 1,
-            "block_size": block}
+def data_spec(block: int) -> DataSpec:
+    return DataSpec(vocab_size=VOCAB, mask_token_id=VOCAB - 1, bos_token_id=0, eos_token_id=0, pad_token_id=1,
+                    block_size=block)
 
 
 def plain_loop(config, rows: np.ndarray, steps: int, threads: int) -> float:
     """Single process, ``threads`` intra-op threads; returns tokens/s over the timed steps."""
     torch.set_num_threads(threads)
     torch.manual_seed(config.training.seed)
-    model = build_model(model_config_for_data(config.model, data_fields(rows.shape[1])), config.noise)
+    model = build_model(resolve_model_config(config.model, data_spec(rows.shape[1])), config.noise)
     optimizer = build_optimizer(model, config.training)
     scheduler = build_scheduler(optimizer, config.training)
     batch = config.training.global_batch_size
@@ -68,14 +69,12 @@ def ray_train(config, rows: np.ndarray, cpus: int, tmp: str, name: str) -> float
     """One Ray Train job on a fresh local Ray; returns the job's tokens/s over steps 2..N."""
     import ray
 
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         config = dataclasses.replace(config, run=dataclasses.replace(config.run, name=name))
-        payload = {"config": config.to_dict(), "data": data_fields(rows.shape[1]), "has_validation": False,
-                   "tracking_uri": None, "mlflow_run_id": None, "export_dir": f"{tmp}/{name}-model",
-                   "registered_model": None}
-        result = fit(config, payload, {"train": ray.data.from_numpy(rows).rename_columns({"data": "input_ids"})})
+        spec = WorkerSpec(config=config, data=data_spec(rows.shape[1]), export_dir=f"{tmp}/{name}-model")
+        result = fit(spec, {"train": ray.data.from_numpy(rows).rename_columns({"data": "input_ids"})})
         return float(result.metrics["tokens_per_s"])
     finally:
         ray.shutdown()
@@ -97,7 +96,7 @@ def main() -> int:
                                          "training.ema_decay=0", f"run.storage_path={tmp}/ray", *args.overrides])
         block = config.data.block_size
         rows = np.random.default_rng(0).integers(2, VOCAB - 1, (4096, block)).astype(np.int32)
-        model = build_model(model_config_for_data(config.model, data_fields(block)), config.noise)
+        model = build_model(resolve_model_config(config.model, data_spec(block)), config.noise)
         flops = matmul_flops_per_token(model, block)
         torch.set_num_threads(args.cpus)
         peak = measure_matmul_ceiling("cpu", size=1024)

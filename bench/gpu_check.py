@@ -68,14 +68,18 @@ def train_throughput(name: str, model: MDLM, step_fn, batch: torch.Tensor, steps
          mfu_vs_989=round(achieved / 989e12, 3), loss_last=round(float(losses[-1]), 4), max_mem_gib=round(mem, 1))
 
 
-def make_step(model: MDLM, optimizer: torch.optim.Optimizer, autocast: bool, device: torch.device):
+def make_step(model: MDLM, optimizer: torch.optim.Optimizer, autocast: bool, device: torch.device,
+              compiled_loss: bool = False):
+    """One optimizer step on ``batch``; ``compiled_loss``: the objective's compiled masked NLL, as the training
+    loop uses it with ``run.compile=true``."""
     generator = torch.Generator(device=device).manual_seed(0)
+    objective = model.objective.compiled() if compiled_loss else model.objective
 
     def step(batch: torch.Tensor) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
         with ctx:
-            loss = model.loss(batch, generator=generator).loss
+            loss = objective.loss(model.backbone, batch, generator=generator).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -120,7 +124,8 @@ def section_train(args, device: torch.device, peak: float) -> None:
                                     reshard_after_forward="noreshard" not in variant)
                 parallelize(model, plan)  # the library's parallelize step: per-block fully_shard, then the root
             optimizer = build_optimizer(model, TrainingConfig(lr=3e-4))  # the library's (fused) AdamW
-            step = make_step(model, optimizer, autocast=not variant.startswith("fsdp2"), device=device)
+            step = make_step(model, optimizer, autocast=not variant.startswith("fsdp2"), device=device,
+                             compiled_loss=variant.startswith("fsdp2") and not args.smoke)
             train_throughput(variant, model, step, batch, args.train_steps, args.warmup, peak, device)
             del model, optimizer
             if device.type == "cuda":

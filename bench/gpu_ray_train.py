@@ -29,7 +29,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mdlm.config import load_config
+from mdlm.data.spec import DataSpec
 from mdlm.train.launcher import fit
+from mdlm.train.spec import WorkerSpec
 
 
 def main() -> int:
@@ -47,11 +49,11 @@ def main() -> int:
         preset, vocab, block, batch = "small", 50258, 1024, 32
         base = ["run.use_gpu=true", "run.cpus_per_worker=2", "training.precision=bf16", "run.compile=true",
                 "model.vocab_pad_multiple=64"]
-    data = {"vocab_size": vocab, "mask_token_id": vocab - 1, "bos_token_id": 0, "eos_token_id": 0,
-            "pad_token_id": 0, "block_size": block}
+    data = DataSpec(vocab_size=vocab, mask_token_id=vocab - 1, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                    block_size=block)
     import ray
 
-    ray.init(num_cpus=2 if args.smoke else 8, include_dashboard=False, log_to_driver=True)
+    ray.init(address="local", num_cpus=2 if args.smoke else 8, include_dashboard=False, log_to_driver=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
     with tempfile.TemporaryDirectory(prefix="mdlm-gpu-ray-") as tmp:
         config = load_config(preset, [
@@ -63,10 +65,9 @@ def main() -> int:
         rng = np.random.default_rng(0)
         rows = rng.integers(1, vocab - 1, (max(batch * args.workers * (args.steps + 2), 64), block)).astype(np.int32)
         train = ray.data.from_numpy(rows).rename_columns({"data": "input_ids"})
-        payload = {"config": config.to_dict(), "data": data, "has_validation": True, "tracking_uri": None,
-                   "mlflow_run_id": None, "export_dir": f"{tmp}/model", "registered_model": None}
+        spec = WorkerSpec(config=config, data=data, export_dir=f"{tmp}/model", has_validation=True)
         start = time.perf_counter()
-        result = fit(config, payload, {"train": train, "validation": train.limit(4 * batch)})
+        result = fit(spec, {"train": train, "validation": train.limit(4 * batch)})
         wall = time.perf_counter() - start
         exported = sorted(p.name for p in Path(tmp, "model").iterdir())
         checkpoints = sorted(p.name for p in Path(tmp, "ray", "gpu-ray").glob("checkpoint_*"))

@@ -24,6 +24,7 @@ PRESET_DIR = Path(__file__).parent / "presets"
 
 ScheduleName = Literal["loglinear", "linear", "cosine", "cosinesqr", "geometric"]
 SamplerName = Literal["ancestral", "cached", "first_hitting"]
+SAMPLERS: tuple[str, ...] = typing.get_args(SamplerName)  # the diffusion samplers (mdlm.sampling.samplers)
 
 
 class ConfigError(ValueError):
@@ -32,7 +33,12 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """Backbone shape. ``vocab_size`` includes the [MASK] token."""
+    """Backbone shape. ``vocab_size`` includes the [MASK] token.
+
+    ``vocab_size``, the special token ids and ``max_seq_len`` describe the data, not the architecture: a model
+    trained by the pipelines gets them from the prepared data (``mdlm.data.spec.resolve_model_config``); the
+    defaults here (GPT-2 + [MASK], 1,024 tokens) serve models built by hand.
+    """
 
     kind: Literal["mdlm", "ar"] = "mdlm"
     hidden_size: int = 512
@@ -54,7 +60,7 @@ class ModelConfig:
     vocab_pad_multiple: int = 1
 
     def validate(self, prefix: str = "model") -> None:
-        _positive(self, prefix, "hidden_size", "n_layers", "n_heads", "cond_dim", "mlp_ratio", "vocab_size",
+        check_positive(self, prefix, "hidden_size", "n_layers", "n_heads", "cond_dim", "mlp_ratio", "vocab_size",
                   "max_seq_len", "rope_base", "vocab_pad_multiple")
         if self.hidden_size % self.n_heads:
             raise ConfigError(f"{prefix}.n_heads: hidden_size {self.hidden_size} is not divisible by "
@@ -103,7 +109,7 @@ class NoiseConfig:
     def validate(self, prefix: str = "noise") -> None:
         if not 0.0 < self.sampling_eps < 1.0:
             raise ConfigError(f"{prefix}.sampling_eps: {self.sampling_eps} is not in (0, 1)")
-        _positive(self, prefix, "num_timesteps")
+        check_positive(self, prefix, "num_timesteps")
         if self.sigma_min is not None and self.sigma_min < 0:
             raise ConfigError(f"{prefix}.sigma_min: must be >= 0, got {self.sigma_min}")
         if self.schedule == "geometric" and self.sigma_min == 0:
@@ -134,7 +140,7 @@ class TrainingConfig:
     log_every: int = 10
 
     def validate(self, prefix: str = "training") -> None:
-        _positive(self, prefix, "max_steps", "global_batch_size", "micro_batch_size", "lr", "log_every")
+        check_positive(self, prefix, "max_steps", "global_batch_size", "micro_batch_size", "lr", "log_every")
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(f"{prefix}.global_batch_size: {self.global_batch_size} is not a multiple of "
                               f"micro_batch_size {self.micro_batch_size}")
@@ -160,7 +166,7 @@ class SamplingConfig:
     seed: int = 0
 
     def validate(self, prefix: str = "sampling") -> None:
-        _positive(self, prefix, "steps", "num_samples")
+        check_positive(self, prefix, "steps", "num_samples")
         for name in ("length", "stride"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -198,13 +204,13 @@ class DataConfig:
     def validate(self, prefix: str = "data") -> None:
         if self.block_size < 3:
             raise ConfigError(f"{prefix}.block_size: {self.block_size} is below 3 ([BOS] + token + [EOS])")
-        _positive(self, prefix, "tokenizer_vocab_size")
+        check_positive(self, prefix, "tokenizer_vocab_size")
         for name in ("validation_fraction", "test_fraction"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{prefix}.{name}: {getattr(self, name)} is not in [0, 1)")
         if self.validation_fraction + self.test_fraction >= 1.0:
             raise ConfigError(f"{prefix}.test_fraction: validation + test fractions leave no training data")
-        _positive(self, prefix, "max_document_chars", "batch_size", "file_size_mb")
+        check_positive(self, prefix, "max_document_chars", "batch_size", "file_size_mb")
         for name in ("max_files", "num_workers"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"{prefix}.{name}: must be > 0, got {getattr(self, name)}")
@@ -249,7 +255,7 @@ class RunConfig:
     fail_at_step: int | None = None  # fault injection: raise once at this step (tests worker recovery)
 
     def validate(self, prefix: str = "run") -> None:
-        _positive(self, prefix, "num_workers", "cpus_per_worker", "checkpoint_every", "keep_checkpoints",
+        check_positive(self, prefix, "num_workers", "cpus_per_worker", "checkpoint_every", "keep_checkpoints",
                   "eval_batches")
         if not self.name or any(c in self.name for c in "/\\ "):
             raise ConfigError(f"{prefix}.name: {self.name!r} must be a non-empty name without slashes or spaces")
@@ -277,13 +283,14 @@ class Config:
     def validate(self) -> Config:
         for f in fields(self):
             getattr(self, f.name).validate(f.name)
-        if self.sampling.length is not None and self.sampling.stride is None \
-                and self.sampling.length > self.model.max_seq_len:
-            raise ConfigError(f"sampling.length: {self.sampling.length} exceeds model.max_seq_len "
-                              f"{self.model.max_seq_len}; set sampling.stride for semi-autoregressive generation")
-        if self.sampling.stride is not None and self.sampling.stride >= self.model.max_seq_len:
-            raise ConfigError(f"sampling.stride: {self.sampling.stride} must be below model.max_seq_len "
-                              f"{self.model.max_seq_len}")
+        # A model trained from this config has max_seq_len = data.block_size (mdlm.data.spec).
+        block = self.data.block_size
+        if self.sampling.length is not None and self.sampling.stride is None and self.sampling.length > block:
+            raise ConfigError(f"sampling.length: {self.sampling.length} exceeds data.block_size {block} (the "
+                              "model's max_seq_len); set sampling.stride for semi-autoregressive generation")
+        if self.sampling.stride is not None and self.sampling.stride >= block:
+            raise ConfigError(f"sampling.stride: {self.sampling.stride} must be below data.block_size {block} "
+                              "(the model's max_seq_len)")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -295,7 +302,7 @@ class Config:
                 for key, value in values.items()}
 
 
-def _positive(obj: Any, prefix: str, *names: str) -> None:
+def check_positive(obj: Any, prefix: str, *names: str) -> None:
     """ConfigError naming ``prefix.name`` (or ``name`` when the prefix is empty) unless each value is > 0."""
     for name in names:
         value = getattr(obj, name)

@@ -2,17 +2,17 @@
 
 A model directory holds ``config.json`` (model type, model and noise config), ``model.safetensors`` (the
 weights; loading never unpickles anything) and, when the model carries one, ``tokenizer.json``.
-Saving writes into a temporary sibling directory and renames it into place, so a crash never leaves a
-half-written model.
+Saving writes into a temporary sibling directory and swaps it into place (:func:`mdlm.storage.atomic_dir`), so a
+crash never leaves a half-written model. :func:`read_model_config` reads and validates ``config.json`` alone
+(no weights), for checks before loading.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,47 +20,43 @@ import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from mdlm.config import ConfigError, ModelConfig, NoiseConfig, _section_from_dict
+from mdlm.config import ConfigError, ModelConfig, NoiseConfig, dataclass_from_dict
+from mdlm.data.tokenizer import TOKENIZER_FILE as TOKENIZER_NAME
+from mdlm.storage import atomic_dir, is_mlflow_uri, is_url
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-TOKENIZER_NAME = "tokenizer.json"
 FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModelDirConfig:
+    """A model directory's ``config.json``, validated."""
+
+    model_type: str  # 'mdlm' or 'ar'
+    model_config: ModelConfig
+    noise_config: NoiseConfig | None
+    raw: dict[str, Any]  # the JSON as written
 
 
 def write_model_dir(path: str | os.PathLike[str], *, model_type: str, model_config: ModelConfig,
                     noise_config: NoiseConfig | None, state_dict: dict[str, torch.Tensor],
                     tokenizer: Tokenizer | None = None, extra: dict[str, Any] | None = None) -> Path:
-    """Write a model directory atomically (temp dir, then rename over any previous one)."""
-    target = Path(path).absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    try:
-        config = {
-            "model_type": model_type,
-            "format_version": FORMAT_VERSION,
-            "model": asdict(model_config),
-            "noise": asdict(noise_config) if noise_config is not None else None,
-            **(extra or {}),
-        }
+    """Write a model directory atomically (temp dir, then swapped in over any previous one)."""
+    config = {
+        "model_type": model_type,
+        "format_version": FORMAT_VERSION,
+        "model": asdict(model_config),
+        "noise": asdict(noise_config) if noise_config is not None else None,
+        **(extra or {}),
+    }
+    tensors = {name: t.detach().contiguous().cpu() for name, t in state_dict.items()}
+    with atomic_dir(path) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        tensors = {name: t.detach().contiguous().cpu() for name, t in state_dict.items()}
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "model_type": model_type})
         if tokenizer is not None:
             tokenizer.save(str(tmp / TOKENIZER_NAME))
-        if target.exists():
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not target.exists():
-            old.rename(target)  # put the previous model back
-        raise
-    return target
+    return Path(path).absolute()
 
 
 def resolve_model_dir(uri: str | os.PathLike[str]) -> Path:
@@ -68,11 +64,11 @@ def resolve_model_dir(uri: str | os.PathLike[str]) -> Path:
     ``models:/NAME/VERSION``, ``runs:/ID/model``) downloaded by MLflow (tracking URI from
     ``MLFLOW_TRACKING_URI``); any other fsspec URL (``s3://``, ``gs://``, ``file://``...) copied to a temp dir."""
     text = str(uri)
-    if text.startswith(("models:/", "runs:/")):
+    if is_mlflow_uri(text):
         import mlflow
 
         return Path(mlflow.artifacts.download_artifacts(text))
-    if "://" in text:
+    if is_url(text):
         import fsspec
 
         fs, remote = fsspec.core.url_to_fs(text)
@@ -87,10 +83,12 @@ def resolve_model_dir(uri: str | os.PathLike[str]) -> Path:
     return Path(text)
 
 
-def read_model_dir(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read and validate a model directory (local path or URI, see ``resolve_model_dir``): config sections,
-    weights (safetensors) and tokenizer."""
-    root = resolve_model_dir(path)
+def read_model_config(path: str | os.PathLike[str]) -> ModelDirConfig:
+    """Read and validate the ``config.json`` of a local model directory, without loading the weights.
+
+    Raises ``FileNotFoundError`` (no directory, no ``config.json``) or :class:`~mdlm.config.ConfigError` naming
+    the file (invalid JSON, unknown model type, bad model or noise section)."""
+    root = Path(path)
     config_path = root / CONFIG_NAME
     if not root.is_dir():
         raise FileNotFoundError(f"model directory not found: {root}")
@@ -98,22 +96,35 @@ def read_model_dir(path: str | os.PathLike[str], map_location: str | torch.devic
         raise FileNotFoundError(f"{config_path} is missing: not a model saved with save_pretrained")
     try:
         raw = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{config_path}: invalid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{config_path}: expected a JSON object, got {type(raw).__name__}")
     model_type = raw.get("model_type")
     if model_type not in ("mdlm", "ar"):
         raise ConfigError(f"{config_path}: model_type must be 'mdlm' or 'ar', got {model_type!r}")
-    model_config = _section_from_dict(ModelConfig, raw.get("model") or {}, "model")
-    model_config.validate()
-    noise_config = None
-    if raw.get("noise") is not None:
-        noise_config = _section_from_dict(NoiseConfig, raw["noise"], "noise")
-        noise_config.validate()
+    try:
+        model_config = dataclass_from_dict(ModelConfig, raw.get("model") or {}, "model")
+        model_config.validate()
+        noise_config = None
+        if raw.get("noise") is not None:
+            noise_config = dataclass_from_dict(NoiseConfig, raw["noise"], "noise")
+            noise_config.validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{config_path}: {exc}") from None
+    return ModelDirConfig(model_type=model_type, model_config=model_config, noise_config=noise_config, raw=raw)
+
+
+def read_model_dir(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read and validate a model directory (local path or URI, see ``resolve_model_dir``): config sections
+    (:func:`read_model_config`), weights (safetensors) and tokenizer."""
+    root = resolve_model_dir(path)
+    config = read_model_config(root)
     weights_path = root / WEIGHTS_NAME
     if not weights_path.is_file():
         raise FileNotFoundError(f"{weights_path} is missing")
     state_dict = load_file(str(weights_path), device=str(map_location))
     tokenizer_path = root / TOKENIZER_NAME
     tokenizer = Tokenizer.from_file(str(tokenizer_path)) if tokenizer_path.is_file() else None
-    return {"model_type": model_type, "model_config": model_config, "noise_config": noise_config,
-            "state_dict": state_dict, "tokenizer": tokenizer, "raw_config": raw}
+    return {"model_type": config.model_type, "model_config": config.model_config,
+            "noise_config": config.noise_config, "state_dict": state_dict, "tokenizer": tokenizer}

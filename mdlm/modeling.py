@@ -14,13 +14,13 @@ import torch
 from tokenizers import Tokenizer
 from torch import Tensor, nn
 
-from mdlm.config import ModelConfig, NoiseConfig
+from mdlm.config import ModelConfig, NoiseConfig, SamplingConfig
 from mdlm.diffusion.objective import (
     LossOutput,
-    diffusion_nelbo,
-    next_token_nll,
+    MaskedDiffusionObjective,
+    NextTokenObjective,
+    SequenceNLL,
     subs_log_probs,
-    subs_masked_nll,
     zero_masked_log_probs,
 )
 from mdlm.diffusion.schedules import get_schedule
@@ -34,6 +34,7 @@ IdsLike = Tensor | Sequence[int] | Sequence[Sequence[int]]
 
 class _PretrainedModel(nn.Module):
     model_type: str
+    objective: MaskedDiffusionObjective | NextTokenObjective
     config: ModelConfig
     noise_config: NoiseConfig | None
     tokenizer: Tokenizer | None
@@ -63,6 +64,20 @@ class _PretrainedModel(nn.Module):
         if weights is not None:
             model.to(weights.device)
         return model.eval()
+
+    @torch.no_grad()
+    def sequence_nll(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, mc_samples: int = 1,
+                     generator: torch.Generator | Sequence[torch.Generator] | None = None) -> SequenceNLL:
+        """Per-sequence NELBO terms (MDLM, K Monte-Carlo samples) or exact NLL (AR) in eval mode, without
+        gradients: the objective's ``sequence_nll`` on this model's backbone (see
+        :func:`mdlm.diffusion.objective.sequence_nelbo`)."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self.objective.sequence_nll(self.backbone, input_ids, attention_mask, mc_samples=mc_samples,
+                                               generator=generator)
+        finally:
+            self.train(was_training)
 
     @property
     def device(self) -> torch.device:
@@ -125,7 +140,7 @@ class MDLM(_PretrainedModel):
         self.mask_id = int(config.mask_token_id)  # type: ignore[arg-type]
         self.tokenizer = tokenizer
         self.backbone = DiT(config, causal=False)
-        self.masked_nll = subs_masked_nll  # parallelize may swap in a compiled copy
+        self.objective = MaskedDiffusionObjective(self.schedule, self.noise_config, self.mask_id)
 
     def forward(self, z_t: Tensor, t: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
         """Denoiser logits [B, L, V] for the noised sequence z_t at time t."""
@@ -138,9 +153,12 @@ class MDLM(_PretrainedModel):
     def loss(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, t: Tensor | None = None,
              generator: torch.Generator | None = None) -> LossOutput:
         """One-sample Monte-Carlo NELBO per real token (an upper bound on the NLL; exp of it bounds perplexity)."""
-        return diffusion_nelbo(lambda z, tt: self.backbone(z, tt, attention_mask), input_ids, self.schedule,
-                               self.noise_config, self.mask_id, attention_mask=attention_mask, t=t,
-                               generator=generator, masked_nll=self.masked_nll)
+        return self.objective.loss(self.backbone, input_ids, attention_mask, generator=generator, t=t)
+
+    def sampling_kwargs(self, sampling: SamplingConfig) -> dict[str, Any]:
+        """The ``sample``/``generate`` arguments this model takes from a sampling config."""
+        return {"steps": sampling.steps, "sampler": sampling.sampler, "top_p": sampling.top_p,
+                "dtype": sampling.dtype, "seed": sampling.seed, "stride": sampling.stride}
 
     @torch.no_grad()
     def sample(self, num_samples: int = 1, length: int | None = None, *, steps: int | None = None,
@@ -230,19 +248,26 @@ class ARModel(_PretrainedModel):
         self.noise_config = None
         self.tokenizer = tokenizer
         self.backbone = DiT(config, causal=True)
+        self.objective = NextTokenObjective()
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         return self.backbone(input_ids, None, attention_mask)
 
-    def loss(self, input_ids: Tensor, attention_mask: Tensor | None = None, **_: Any) -> LossOutput:
-        """Next-token NLL per predicted real token."""
-        return next_token_nll(self.backbone(input_ids, None, attention_mask), input_ids, attention_mask)
+    def loss(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
+             generator: torch.Generator | None = None) -> LossOutput:
+        """Next-token NLL per predicted real token (exact: ``generator`` draws nothing)."""
+        return self.objective.loss(self.backbone, input_ids, attention_mask)
+
+    def sampling_kwargs(self, sampling: SamplingConfig) -> dict[str, Any]:
+        """The ``sample``/``generate`` arguments this model takes from a sampling config (no steps, no sampler:
+        one token per forward pass, left to right)."""
+        return {"top_p": sampling.top_p, "dtype": sampling.dtype, "seed": sampling.seed}
 
     @torch.no_grad()
     def sample(self, num_samples: int = 1, length: int | None = None, *, top_p: float = 1.0,
                dtype: str | torch.dtype = "float64", prefix: IdsLike | None = None, seed: int | None = None,
-               generator: torch.Generator | None = None, **_: Any) -> SampleOutput:
-        """Left-to-right sampling (full recomputation per token; the baseline needs no KV cache)."""
+               generator: torch.Generator | None = None) -> SampleOutput:
+        """Left-to-right sampling (full recomputation per token)."""
         generator = self._generator(seed, generator)
         length = length or self.config.max_seq_len
         if length > self.config.max_seq_len:

@@ -3,7 +3,6 @@ with ``save_pretrained``, reload it and sample: the whole core, end to end, in m
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
@@ -11,7 +10,8 @@ import torch
 
 from mdlm.config import Config
 from mdlm.data.local import prepare_in_memory
-from mdlm.modeling import MDLM, build_model, load_pretrained
+from mdlm.data.spec import resolve_model_config
+from mdlm.modeling import build_model, load_pretrained
 from mdlm.train.ema import EMA
 from mdlm.train.local import evaluate, train_local
 
@@ -19,15 +19,11 @@ from mdlm.train.local import evaluate, train_local
 def run_quickstart(config: Config, output_dir: str | Path, prompts: tuple[str, ...] = ("ROMEO.\n",),
                    log=print) -> dict[str, object]:
     started = time.perf_counter()
-    data = prepare_in_memory(config.data, seed=config.training.seed)
+    data = prepare_in_memory(config.data)
     log(f"data: {config.data.source}, vocab {data.special.vocab_size} (mask id {data.special.mask_id}), "
         + ", ".join(f"{k} {v.shape[0]} rows" for k, v in data.input_ids.items()))
-    model_config = dataclasses.replace(
-        config.model, vocab_size=data.special.vocab_size, mask_token_id=data.special.mask_id,
-        bos_token_id=data.special.bos_id, eos_token_id=data.special.eos_id, pad_token_id=data.special.pad_id,
-        max_seq_len=config.data.block_size)
     torch.manual_seed(config.training.seed)
-    model = build_model(model_config, config.noise, tokenizer=data.tokenizer)
+    model = build_model(resolve_model_config(config.model, data.spec), config.noise, tokenizer=data.tokenizer)
     log(f"model: {model.model_type}, {model.backbone.num_parameters() / 1e6:.2f}M parameters")
     ema = EMA(model, config.training.ema_decay) if config.training.ema_decay > 0 else None
     mask = data.attention_mask["train"] if config.data.packing == "pad" else None
@@ -39,8 +35,8 @@ def run_quickstart(config: Config, output_dir: str | Path, prompts: tuple[str, .
     split = "validation" if data.input_ids["validation"].shape[0] else "train"
     val_mask = data.attention_mask[split] if config.data.packing == "pad" else None
     metrics = evaluate(model, data.input_ids[split], val_mask, seed=config.training.seed)
-    kind = "NELBO" if isinstance(model, MDLM) else "NLL"
-    log(f"{split} {kind} {metrics['nll']:.4f} nats/token, perplexity{' bound' if kind == 'NELBO' else ''} "
+    bound = model.objective.is_bound
+    log(f"{split} {'NELBO' if bound else 'NLL'} {metrics['nll']:.4f} nats/token, perplexity{' bound' if bound else ''} "
         f"{metrics['ppl']:.2f}")
     output_dir = Path(output_dir)
     model.save_pretrained(output_dir)
@@ -48,10 +44,8 @@ def run_quickstart(config: Config, output_dir: str | Path, prompts: tuple[str, .
     s = config.sampling
     samples = []
     for prompt in prompts:
-        kwargs = dict(top_p=s.top_p, dtype=s.dtype, seed=s.seed)
-        if isinstance(reloaded, MDLM):
-            kwargs.update(steps=s.steps, sampler=s.sampler)
-        samples.extend(reloaded.generate(prompt, num_samples=s.num_samples, length=s.length, **kwargs))
+        samples.extend(reloaded.generate(prompt, num_samples=s.num_samples, length=s.length,
+                                         **reloaded.sampling_kwargs(s)))
     for i, text in enumerate(samples):
         log(f"--- sample {i} ---\n{text.strip()}")
     log(f"saved model to {output_dir} in {time.perf_counter() - started:.0f}s; "

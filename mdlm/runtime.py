@@ -7,7 +7,8 @@ import os
 
 def init_ray(num_cpus: int | None = None) -> bool:
     """Connect to ``RAY_ADDRESS`` when set (``ray job submit`` sets it; ``RAY_ADDRESS=auto`` joins a cluster
-    started with ``ray start``), else start a local Ray; nothing if Ray is already initialised.
+    started with ``ray start``), else start a new local Ray (never silently joining a cluster that ``ray start``
+    left running on this machine); nothing if Ray is already initialised.
     Returns whether this call started (or connected) Ray."""
     import ray
 
@@ -16,7 +17,7 @@ def init_ray(num_cpus: int | None = None) -> bool:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False)
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False)
     return True
 
 

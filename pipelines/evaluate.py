@@ -56,29 +56,42 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# Settings field -> flag, for the fields the flags set: the request is built from these, and an EvalInputError
+# naming a field is printed with its flag.
+REQUEST_FLAGS = {"model": "--model", "output": "--output", "run_id": "--run-id", "runs_dir": "--runs-dir",
+                 "experiment": "--experiment", "run_name": "--run-name"}
+NELBO_FLAGS = {"split": "--split", "mc_samples": "--mc-samples", "max_rows": "--max-rows", "batch_size": "--batch-size",
+               "num_actors": "--num-actors", "cpus_per_actor": "--cpus-per-actor", "device": "--device",
+               "seed": "--seed"}
+GEN_FLAGS = {"num_samples": "--gen-samples", "evaluator": "--evaluator", "length": "--gen-length",
+             "steps": "--gen-steps", "sampler": "--sampler", "top_p": "--top-p", "dtype": "--gen-dtype",
+             "stride": "--gen-stride", "seed": "--gen-seed", "batch_size": "--gen-batch-size",
+             "evaluator_max_length": "--evaluator-max-length", "evaluator_stride": "--evaluator-stride"}
+FLAGS = {**REQUEST_FLAGS, "data": "--data", **{f"nelbo.{k}": v for k, v in NELBO_FLAGS.items()},
+         **{f"gen.{k}": v for k, v in GEN_FLAGS.items()}}
+
+
+def _values(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, object]:
+    return {field: getattr(args, flag[2:].replace("-", "_")) for field, flag in flags.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from mdlm.eval import EvalInputError
-    from mdlm.eval.batch import EvalRequest, GenSettings, NelboSettings, run_evaluation
     from mdlm.eval.report import format_summary
+    from mdlm.eval.run import run_evaluation
+    from mdlm.eval.settings import EvalRequest, GenSettings, NelboSettings
 
     data = [] if args.no_data else (args.data or [load_config("cpu-ray").data.output_dir])
-    request = EvalRequest(
-        model=args.model, data=data, output=args.output, mlflow=not args.no_mlflow, run_id=args.run_id,
-        runs_dir=args.runs_dir, experiment=args.experiment, run_name=args.run_name,
-        nelbo=NelboSettings(split=args.split, mc_samples=args.mc_samples, max_rows=args.max_rows,
-                            batch_size=args.batch_size, num_actors=args.num_actors, device=args.device,
-                            cpus_per_actor=args.cpus_per_actor, seed=args.seed),
-        gen=GenSettings(num_samples=args.gen_samples, evaluator=args.evaluator, length=args.gen_length,
-                        steps=args.gen_steps, sampler=args.sampler, top_p=args.top_p, dtype=args.gen_dtype,
-                        stride=args.gen_stride, seed=args.gen_seed, batch_size=args.gen_batch_size,
-                        evaluator_max_length=args.evaluator_max_length, evaluator_stride=args.evaluator_stride))
+    request = EvalRequest(data=data, mlflow=not args.no_mlflow, **_values(args, REQUEST_FLAGS),
+                          nelbo=NelboSettings(**_values(args, NELBO_FLAGS)),
+                          gen=GenSettings(**_values(args, GEN_FLAGS)))
     try:
         results = run_evaluation(request)
     except EvalInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc.describe(FLAGS.get(exc.field, exc.field))}", file=sys.stderr)
         return 2
-    print(format_summary(results))
+    print(format_summary(results.to_dict()))
     print(f"results: {args.output}")
     return 0
 

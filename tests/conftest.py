@@ -35,7 +35,7 @@ def ray_local():
     """A local Ray on 2 CPUs for one test module (no dashboard, no progress bars), shut down after it."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

@@ -2,8 +2,9 @@
 
 Real checkpoints of a small model are written with ``save_checkpoint`` (single process, no process group) into
 a run directory laid out as Ray Train lays it out (``<run>/checkpoint_<timestamp>``), then broken in the ways
-a crash or bad storage breaks them. ``loop._restore`` runs unchanged: only ``ray.train.get_checkpoint``, which
-needs a Ray Train worker, is replaced by a function returning the run's latest ``ray.train.Checkpoint``.
+a crash or bad storage breaks them. The worker's restore path runs as in training: the candidates are listed
+from the run's latest ``ray.train.Checkpoint`` (what ``ray.train.get_checkpoint`` returns inside a worker) by
+``checkpoint_candidates`` and loaded by ``restore_checkpoint``.
 """
 
 from __future__ import annotations
@@ -16,12 +17,17 @@ import pyarrow.fs as pafs
 import pytest
 import ray.train
 import torch
-from torch.distributed.checkpoint import CheckpointException
 
 from mdlm.config import NoiseConfig, TrainingConfig, model_config_for
 from mdlm.modeling import MDLM
-from mdlm.train import loop
-from mdlm.train.checkpoint import STATE_FILE, TrainProgress, is_complete, save_checkpoint
+from mdlm.train.checkpoint import (
+    STATE_FILE,
+    TrainProgress,
+    checkpoint_candidates,
+    is_complete,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from mdlm.train.ema import EMA
 from mdlm.train.optim import build_optimizer, build_scheduler
 
@@ -29,17 +35,6 @@ OLDER, LATEST = "checkpoint_2026-01-01_00-00-01.000000", "checkpoint_2026-01-01_
 DATA_FILE = "__0_0.distcp"  # the single rank's DCP data file
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
-
-# Tests of behaviour that needs the _restore change proposed with this file; they run as normal tests (and must
-# pass) once loop.restore_checkpoint exists. Until then they are expected to fail in exactly the way shown.
-_FIXED = hasattr(loop, "restore_checkpoint")
-
-
-def pending(raises: type[BaseException] | tuple[type[BaseException], ...]) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(not _FIXED, raises=raises, strict=True,
-                             reason="needs the proposed _restore fix: DCP raises CheckpointException, a "
-                                    "BaseException that `except Exception` lets through; remote storage paths")
-
 
 @dataclass
 class Snapshot:
@@ -105,10 +100,9 @@ def run_dir(saved, tmp_path) -> Path:
     return Path(shutil.copytree(saved[0], tmp_path / "run"))
 
 
-def _restore(monkeypatch, latest: ray.train.Checkpoint | None, resume_from: str | None = None):
-    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: latest)
+def _restore(latest: ray.train.Checkpoint | None, resume_from: str | None = None):
     model, optimizer, scheduler, ema = _build()
-    progress, path = loop._restore(model, optimizer, scheduler, ema, resume_from)
+    progress, path = restore_checkpoint(checkpoint_candidates(latest, resume_from), model, optimizer, scheduler, ema)
     return progress, path, (model, optimizer, scheduler, ema)
 
 
@@ -143,28 +137,27 @@ def _truncate(path: Path, fraction: float = 0.5) -> None:
     path.write_bytes(data[: int(len(data) * fraction)])
 
 
-def test_intact_latest_is_restored(monkeypatch, run_dir, saved):
-    progress, path, objects = _restore(monkeypatch, _latest(run_dir))
+def test_intact_latest_is_restored(run_dir, saved):
+    progress, path, objects = _restore(_latest(run_dir))
     assert path == str(run_dir / LATEST)
     _assert_restored(progress, objects, saved[1][LATEST])
 
 
 @pytest.mark.parametrize("missing", [STATE_FILE, ".metadata"])
-def test_partial_latest_falls_back_to_previous(monkeypatch, run_dir, saved, missing):
+def test_partial_latest_falls_back_to_previous(run_dir, saved, missing):
     """A save cut short (no train_state.json, written last, or no DCP .metadata) is skipped."""
     (run_dir / LATEST / missing).unlink()
     assert not is_complete(run_dir / LATEST)
-    progress, path, objects = _restore(monkeypatch, _latest(run_dir))
+    progress, path, objects = _restore(_latest(run_dir))
     assert path == str(run_dir / OLDER)
     _assert_restored(progress, objects, saved[1][OLDER])
 
 
-@pending(CheckpointException)
-def test_latest_missing_a_shard_file_falls_back(monkeypatch, run_dir, saved):
+def test_latest_missing_a_shard_file_falls_back(run_dir, saved):
     """Marker files present but a rank's data file gone: complete by is_complete, fails inside dcp.load."""
     (run_dir / LATEST / DATA_FILE).unlink()
     assert is_complete(run_dir / LATEST)
-    progress, path, objects = _restore(monkeypatch, _latest(run_dir))
+    progress, path, objects = _restore(_latest(run_dir))
     assert path == str(run_dir / OLDER)
     _assert_restored(progress, objects, saved[1][OLDER])
 
@@ -182,59 +175,57 @@ def _garble_state(directory: Path) -> None:
 
 
 @pytest.mark.parametrize("corrupt", [
-    pytest.param(_truncate_data, marks=pending(CheckpointException), id="truncated-data"),
-    pytest.param(_garble_metadata, marks=pending(CheckpointException), id="garbled-metadata"),
+    pytest.param(_truncate_data, id="truncated-data"),
+    pytest.param(_garble_metadata, id="garbled-metadata"),
     pytest.param(_garble_state, id="truncated-train-state"),
 ])
-def test_corrupt_latest_falls_back_to_previous(monkeypatch, run_dir, saved, corrupt):
+def test_corrupt_latest_falls_back_to_previous(run_dir, saved, corrupt):
     corrupt(run_dir / LATEST)
     assert is_complete(run_dir / LATEST)  # looks complete: only loading it can tell
-    progress, path, objects = _restore(monkeypatch, _latest(run_dir))
+    progress, path, objects = _restore(_latest(run_dir))
     assert path == str(run_dir / OLDER)
     _assert_restored(progress, objects, saved[1][OLDER])
 
 
-def test_run_checkpoints_come_before_resume_from(monkeypatch, run_dir, saved, tmp_path):
+def test_run_checkpoints_come_before_resume_from(run_dir, saved, tmp_path):
     """Newest first: Ray's latest, then the run's older ones, and only then ``resume_from``."""
     elsewhere = shutil.copytree(run_dir / LATEST, tmp_path / "elsewhere" / "branch_point")
     (run_dir / LATEST / STATE_FILE).unlink()
-    progress, path, objects = _restore(monkeypatch, _latest(run_dir), resume_from=str(elsewhere))
+    progress, path, objects = _restore(_latest(run_dir), resume_from=str(elsewhere))
     assert path == str(run_dir / OLDER)
     _assert_restored(progress, objects, saved[1][OLDER])
 
 
-def test_resume_from_when_the_run_has_no_checkpoint(monkeypatch, run_dir, saved):
-    progress, path, objects = _restore(monkeypatch, None, resume_from=str(run_dir / OLDER))
+def test_resume_from_when_the_run_has_no_checkpoint(run_dir, saved):
+    progress, path, objects = _restore(None, resume_from=str(run_dir / OLDER))
     assert path == str(run_dir / OLDER)
     _assert_restored(progress, objects, saved[1][OLDER])
 
 
-def test_no_checkpoint_starts_fresh(monkeypatch, saved):
-    progress, path, objects = _restore(monkeypatch, None)
+def test_no_checkpoint_starts_fresh(saved):
+    progress, path, objects = _restore(None)
     assert path is None and progress == TrainProgress()
     _assert_fresh(objects, saved[2])
 
 
-def test_every_checkpoint_incomplete_starts_fresh(monkeypatch, run_dir, saved):
+def test_every_checkpoint_incomplete_starts_fresh(run_dir, saved):
     """E.g. a crash during the first saves: nothing was loaded, so training starts over untouched."""
     for name in (OLDER, LATEST):
         (run_dir / name / STATE_FILE).unlink()
-    progress, path, objects = _restore(monkeypatch, _latest(run_dir))
+    progress, path, objects = _restore(_latest(run_dir))
     assert path is None and progress == TrainProgress()
     _assert_fresh(objects, saved[2])
 
 
-@pending(CheckpointException)
-def test_every_checkpoint_unreadable_raises(monkeypatch, run_dir):
+def test_every_checkpoint_unreadable_raises(run_dir):
     """Complete checkpoints exist but none loads: an error, not a silent fresh start (which would rotate the
     old checkpoints away, and would train on whatever the failed loads already copied in)."""
     for name in (OLDER, LATEST):
         _truncate(run_dir / name / DATA_FILE, 0.97)
     with pytest.raises(RuntimeError, match="no checkpoint could be loaded"):
-        _restore(monkeypatch, _latest(run_dir))
+        _restore(_latest(run_dir))
 
 
-@pending(AssertionError)
 @pytest.mark.parametrize("break_latest", [False, True], ids=["intact", "corrupt-latest"])
 def test_checkpoints_on_remote_storage(monkeypatch, run_dir, saved, tmp_path, break_latest):
     """With s3:// or gs:// storage Ray hands out paths of a pyarrow filesystem ('bucket/run/checkpoint_...'),
@@ -245,7 +236,7 @@ def test_checkpoints_on_remote_storage(monkeypatch, run_dir, saved, tmp_path, br
         _truncate_data(bucket / "run" / LATEST)
     monkeypatch.chdir(tmp_path / "run")  # relative bucket paths must not resolve by accident
     fs = pafs.SubTreeFileSystem(str(bucket), pafs.LocalFileSystem())
-    progress, path, objects = _restore(monkeypatch, ray.train.Checkpoint(f"run/{LATEST}", filesystem=fs))
+    progress, path, objects = _restore(ray.train.Checkpoint(f"run/{LATEST}", filesystem=fs))
     expected = OLDER if break_latest else LATEST
     assert path == f"run/{expected}"
     _assert_restored(progress, objects, saved[1][expected])

@@ -21,6 +21,8 @@ from mdlm.config import (
     parse_override,
     preset_names,
 )
+from mdlm.data.spec import DataSpec, resolve_model_config
+from mdlm.data.tokenizer import special_tokens, tokenizer_from_spec
 
 SECTIONS = {"model": ModelConfig, "noise": NoiseConfig, "training": TrainingConfig,
             "sampling": SamplingConfig, "data": DataConfig, "run": RunConfig}
@@ -86,7 +88,10 @@ def test_lm1b_preset_overrides_base_data():
     config = load_config("lm1b-small")
     assert config.data.packing == "pad" and config.data.tokenizer == "bert-base-uncased"
     assert config.data.block_size == 128
-    assert config.model.mask_token_id == 103 and config.model.vocab_size == 30522
+    # The vocabulary and [MASK] id come from the data's tokenizer, resolved into the model config in one place.
+    special = special_tokens(tokenizer_from_spec(config.data.tokenizer))
+    model = resolve_model_config(config.model, DataSpec.from_special(special, config.data.block_size))
+    assert model.mask_token_id == 103 and model.vocab_size == 30522 and model.max_seq_len == 128
     assert config.model.hidden_size == 768
 
 
@@ -264,7 +269,7 @@ def test_literal_error_lists_choices():
     (["sampling.top_p=0"], "sampling.top_p"),
     (["sampling.top_p=1.5"], "sampling.top_p"),
     (["sampling.length=0"], "sampling.length"),
-    (["sampling.length=2048"], "sampling.length"),  # > max_seq_len without stride
+    (["sampling.length=2048"], "sampling.length"),  # > data.block_size (the model's max_seq_len) without stride
     (["sampling.stride=1024"], "sampling.stride"),
     (["training.global_batch_size=100", "training.micro_batch_size=32"], "training.global_batch_size"),
     (["training.lr=0"], "training.lr"),
@@ -284,7 +289,7 @@ def test_semantic_checks_name_key(overrides, key):
 def test_semantic_boundaries_accepted():
     config = load_config(None, ["data.block_size=3", "sampling.top_p=1.0",
                                 "training.global_batch_size=64", "training.micro_batch_size=32",
-                                "sampling.length=2048", "sampling.stride=512"])
+                                "sampling.length=2048", "sampling.stride=2"])  # stride < block_size
     assert config.data.block_size == 3 and config.sampling.length == 2048
 
 

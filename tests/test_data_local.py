@@ -1,18 +1,32 @@
-"""Document splits, reading text files, cutting long texts, and in-process corpus preparation."""
+"""Document splits, reading text files, cutting long texts, and in-process corpus preparation (the same
+documents, split and rows as the Ray pipeline)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import random
 from collections import Counter
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
+from tokenizers import Tokenizer
 
 from mdlm.config import DataConfig
-from mdlm.data.local import load_documents, prepare_in_memory
-from mdlm.data.sources import read_documents, shakespeare_documents, shakespeare_files, split_text
-from mdlm.data.splits import assign_split
+from mdlm.data.local import load_documents, prepare_in_memory, split_documents
+from mdlm.data.sources import (
+    DataError,
+    read_documents,
+    resolve_source,
+    shakespeare_documents,
+    shakespeare_files,
+    split_text,
+)
+from mdlm.data.spec import DataSpec
+from mdlm.data.splits import SPLITS, assign_split
 
 # ---------------------------------------------------------------------------------------------------------
 # assign_split
@@ -156,7 +170,8 @@ def corpus(tmp_path):
 def test_load_documents_from_directory(corpus):
     docs = load_documents(DataConfig(source=str(corpus)))
     assert len(docs) == 60
-    assert all(key.endswith(".txt") for key, _ in docs)
+    assert all(key.endswith(".txt:0") for key, _ in docs)  # relative/path:index, as the Ray pipeline keys them
+    assert "sub/doc01.txt:0" in [key for key, _ in docs]
 
 
 def test_load_documents_relative_glob(corpus, monkeypatch):
@@ -171,7 +186,7 @@ def test_load_documents_absolute_glob(corpus):
 
 
 def test_load_documents_missing_source_raises(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"data\.source"):
+    with pytest.raises(DataError, match=r"data\.source=.*no such file or directory"):
         load_documents(DataConfig(source=str(tmp_path / "nothing-here")))
 
 
@@ -202,3 +217,86 @@ def test_prepare_in_memory(corpus, packing):
         else:
             assert (ids[mask == 0] == data.special.pad_id).all()
             assert (mask.sum(dim=1) >= 2).all()
+    assert data.spec == DataSpec.from_special(data.special, 16, packing=packing)
+    assert data.spec.tokenizer_file is None and data.spec.vocab_size == data.special.vocab_size
+
+
+def test_prepare_in_memory_without_training_documents(tmp_path):
+    (tmp_path / "a.txt").write_text("\n\n   \n\n")
+    with pytest.raises(DataError, match="no training documents"):
+        prepare_in_memory(DataConfig(source=str(tmp_path), tokenizer_vocab_size=300))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The in-process path and the Ray pipeline: same sources, same parsing, same split, same rows
+
+
+@pytest.fixture()
+def mixed_corpus(tmp_path):
+    """Text files (top level and nested, some cut into several documents), jsonl and parquet with a custom
+    text field, and files every source skips (hidden, unknown extension)."""
+    rng = random.Random(1)
+    root = tmp_path / "mixed"
+    (root / "nested" / "deeper").mkdir(parents=True)
+    for i in range(12):
+        folder = [root, root / "nested", root / "nested" / "deeper"][i % 3]
+        (folder / f"part{i:02d}.txt").write_text(_random_text(rng, 200))
+    rows = [{"body": _random_text(rng, 80), "id": i} for i in range(40)]
+    rows[3]["body"] = None
+    rows[7]["body"] = ""
+    (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" + ("\n" if i == 9 else "") for i, r in
+                                             enumerate(rows)))
+    pq.write_table(pa.table({"body": [_random_text(rng, 80) for _ in range(20)]}), root / "nested" / "t.parquet")
+    (root / ".hidden.txt").write_text("never read")
+    (root / "notes.md").write_text("not a corpus extension")
+    return root
+
+
+def test_load_documents_keys_and_formats_match_the_sources(mixed_corpus):
+    config = DataConfig(source=str(mixed_corpus), text_field="body", max_document_chars=300)
+    docs = load_documents(config)
+    keys = [key for key, _ in docs]
+    assert len(set(keys)) == len(keys)
+    files = {key.rsplit(":", 1)[0] for key in keys}
+    assert files == {f.key for f in resolve_source(config).files}
+    assert {"rows.jsonl", "nested/t.parquet", "nested/deeper/part02.txt"} <= files
+    assert not any(".hidden" in key or "notes.md" in key for key in keys)
+    assert "rows.jsonl:3" not in keys and "rows.jsonl:7" not in keys and "rows.jsonl:11" in keys  # blank line 10
+    assert sum(key.startswith("part00.txt:") for key in keys) > 1  # cut at blank lines into ~300 characters
+    assert len(load_documents(DataConfig(source=str(mixed_corpus), text_field="body", max_files=3))) < len(docs)
+
+
+CASES = {
+    "files-gpt2-wrap": {"text_field": "body", "max_document_chars": 300, "tokenizer": "gpt2", "block_size": 32},
+    "files-bpe-pad": {"text_field": "body", "max_document_chars": 300, "tokenizer": "bpe", "packing": "pad",
+                      "block_size": 24, "seed": 3},
+    "shakespeare-bpe-wrap": {"source": "shakespeare", "max_files": 3, "tokenizer": "bpe", "block_size": 32},
+}
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("case", list(CASES))
+def test_in_memory_and_ray_give_the_same_split_and_rows(ray_local, mixed_corpus, tmp_path, case):
+    from mdlm.data.pipeline import documents_dataset, prepare_dataset
+
+    values = {"source": str(mixed_corpus), "tokenizer_vocab_size": 300, "validation_fraction": 0.2,
+              "test_fraction": 0.2, "batch_size": 16, "output_dir": str(tmp_path / "prepared"), **CASES[case]}
+    config = DataConfig(**values)
+    local = split_documents(config)
+    data = prepare_in_memory(config)
+    manifest = prepare_dataset(config, progress=False)
+    ray_docs: dict[str, list[str]] = {split: [] for split in SPLITS}
+    for row in documents_dataset(resolve_source(config), config).iter_rows():
+        ray_docs[row["split"]].append(row["text"])
+    saved = Tokenizer.from_file(manifest.tokenizer_path)
+    assert saved.to_str() == data.tokenizer.to_str()  # bpe: trained on the same training documents
+    assert dataclasses.replace(manifest.data_spec(), tokenizer_file=None) == data.spec
+    for split in SPLITS:
+        assert local[split], split
+        assert sorted(ray_docs[split]) == sorted(local[split]), split
+        assert manifest.splits[split].documents == len(local[split])
+        files = manifest.split_files(split)
+        table = pa.concat_tables([pq.read_table(f) for f in files]).to_pydict() if files else {"input_ids": []}
+        assert data.input_ids[split].tolist() == table["input_ids"], split  # same rows, same order
+        if config.packing == "pad":
+            assert data.attention_mask[split].tolist() == table["attention_mask"], split

@@ -21,9 +21,16 @@ from tokenizers import Tokenizer, models
 from mdlm.config import ConfigError, DataConfig
 from mdlm.data.manifest import MANIFEST_NAME, ManifestError, load_manifest
 from mdlm.data.packing import ArrayWrapPacker, WrapPacker, pack_pad, pack_pad_arrays
-from mdlm.data.pipeline import fingerprint, prepare_dataset, resolve_source
-from mdlm.data.sources import DataError, file_documents, shakespeare_documents, shakespeare_files, split_text
-from mdlm.data.splits import assign_split
+from mdlm.data.pipeline import fingerprint, prepare_dataset
+from mdlm.data.sources import (
+    DataError,
+    file_documents,
+    resolve_source,
+    shakespeare_documents,
+    shakespeare_files,
+    split_text,
+)
+from mdlm.data.splits import SPLITS, assign_split
 from mdlm.data.tokenizer import (
     MASK_TOKEN,
     PRETRAINED,
@@ -34,7 +41,6 @@ from mdlm.data.tokenizer import (
     train_bpe,
 )
 
-SPLITS = ("train", "validation", "test")
 MAX_CHARS = 1500
 
 
@@ -55,7 +61,8 @@ def _paragraphs(n_docs: int, seed: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    """txt/ (top level and a nested folder, one file cut into many parts), data.jsonl, data.parquet."""
+    """txt/ (top level and a nested folder, one file cut into many parts), data.jsonl, data.parquet. (Ray:
+    the ``ray_local`` fixture of conftest.py, one local Ray for the whole module.)"""
     root = tmp_path_factory.mktemp("corpus")
     (root / "txt" / "nested").mkdir(parents=True)
     for i, text in enumerate(_paragraphs(16, 0)):
@@ -72,15 +79,6 @@ def corpus(tmp_path_factory) -> Path:
     pq.write_table(pa.table({"content": [t for t in _paragraphs(30, 3)], "n": list(range(30))}),
                    root / "data.parquet")
     return root
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from mdlm.config import NoiseConfig
 from mdlm.data.tokenizer import special_tokens, train_bpe
 from mdlm.eval import EvalInputError
-from mdlm.eval.batch import GenSettings, generate_and_score
 from mdlm.eval.evaluator import ProjectARScorer, evaluator_kind, load_scorer, scoring_windows
+from mdlm.eval.generation import generate_and_score
 from mdlm.eval.metrics import (
     generative_perplexity,
     row_generators,
@@ -30,6 +30,7 @@ from mdlm.eval.metrics import (
     unigram_entropy,
 )
 from mdlm.eval.report import to_json, write_json_atomic
+from mdlm.eval.settings import GenSettings
 from mdlm.modeling import MDLM, ARModel
 from tests.conftest import perturb_
 
@@ -346,7 +347,7 @@ def test_indexed_reader_covers_every_row_once_in_aligned_blocks(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from mdlm.eval.batch import _datasource_class, _SplitFiles
+    from mdlm.eval.datasource import IndexedParquetDatasource, SplitFiles
 
     splits, expected = [], []
     for corpus, sizes in enumerate(([7, 5, 9], [6])):
@@ -358,10 +359,10 @@ def test_indexed_reader_covers_every_row_once_in_aligned_blocks(tmp_path):
             files.append(str(path))
             start += n
         limit = 19 if corpus == 0 else 6  # the first corpus read up to a max_rows of 19
-        splits.append(_SplitFiles(files=files, file_rows=list(sizes), columns=["input_ids"], rows=limit,
-                                  row_bytes=16))
+        splits.append(SplitFiles(files=files, file_rows=list(sizes), columns=["input_ids"], rows=limit,
+                                 row_bytes=16))
         expected += [(corpus, i) for i in range(limit)]
-    source = _datasource_class()(splits, block_rows=4)
+    source = IndexedParquetDatasource(splits, block_rows=4)
     for parallelism in (1, 3, 100):
         seen = []
         for task in source.get_read_tasks(parallelism):

@@ -16,22 +16,19 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
+from mdlm import tracking
 from mdlm.config import DataConfig, model_config_for
 from mdlm.data.pipeline import prepare_dataset
 from mdlm.data.sources import shakespeare_documents
 from mdlm.data.tokenizer import train_bpe
-from mdlm.eval.batch import (
-    EvalRequest,
-    NelboSettings,
-    nelbo_job,
-    prepare,
-    read_dir_files,
-    score_rows,
-)
+from mdlm.eval import EvalInputError
 from mdlm.eval.evaluator import load_scorer
 from mdlm.eval.metrics import row_generators, row_seed, sequence_nll, summarize_nelbo, unigram_entropy
+from mdlm.eval.nelbo import nelbo_job, score_rows
+from mdlm.eval.pool import read_dir_files
+from mdlm.eval.run import prepare
+from mdlm.eval.settings import EvalRequest, GenSettings, NelboSettings
 from mdlm.modeling import MDLM, ARModel, load_pretrained
-from mdlm import tracking
 from tests.conftest import perturb_
 
 
@@ -166,6 +163,23 @@ def test_cli_bad_input_exits_2_naming_the_field(world, registry, tmp_path, capsy
                                                              "models:/no-such-model@current", *data)
 
 
+def test_library_errors_name_settings_fields_and_the_cli_maps_them_to_flags():
+    cases = [(EvalRequest(model=" "), "model"), (EvalRequest(model="m"), "data"),
+             (EvalRequest(model="m", data=["d"], nelbo=NelboSettings(mc_samples=0)), "nelbo.mc_samples"),
+             (EvalRequest(model="m", data=["d"], nelbo=NelboSettings(num_actors=0)), "nelbo.num_actors"),
+             (EvalRequest(model="m", data=["d"], gen=GenSettings(num_samples=2)), "gen.evaluator"),
+             (EvalRequest(model="m", data=["d"], gen=GenSettings(num_samples=2, evaluator="e", batch_size=0)),
+              "gen.batch_size"),
+             (EvalRequest(model="m", data=["a=x", "a=y"]), "data")]
+    for request, field in cases:
+        with pytest.raises(EvalInputError) as info:
+            request.validate()
+        assert isinstance(info.value, ValueError) and info.value.field == field
+        assert str(info.value).startswith(f"{field}: ") and "--" not in str(info.value), str(info.value)
+        assert cli.FLAGS[field].startswith("--") and info.value.describe(cli.FLAGS[field]).startswith(cli.FLAGS[field])
+    assert cli.FLAGS["gen.batch_size"] == "--gen-batch-size" and cli.FLAGS["nelbo.batch_size"] == "--batch-size"
+
+
 def _hf_or_ar_evaluator(world, tmp_path) -> Path:
     if not HAS_TRANSFORMERS:
         return world["root"] / "ar"
@@ -241,7 +255,7 @@ def test_cli_end_to_end_two_actors_zero_shot_generation_and_mlflow(world, regist
 def test_mlflow_training_run_lookup_and_standalone_evaluation_run(registry, tmp_path):
     from mlflow import MlflowClient
 
-    from mdlm.eval import EvalInputError, report
+    from mdlm.eval import report
 
     uri, run_id = registry["uri"], registry["run_id"]
     for model_uri in ("models:/mdlm-eval-test@current", "models:/mdlm-eval-test/1", "models:/mdlm-eval-test/latest",
@@ -249,8 +263,11 @@ def test_mlflow_training_run_lookup_and_standalone_evaluation_run(registry, tmp_
         assert report.find_training_run(model_uri, uri).run_id == run_id, model_uri
     assert report.find_training_run(str(tmp_path / "model"), uri) is None
     assert report.find_training_run(str(tmp_path / "model"), uri, run_id).experiment_id == registry["experiment"]
-    with pytest.raises(EvalInputError, match="--run-id 0123abcd: no such MLflow run"):
+    with pytest.raises(EvalInputError, match="run_id 0123abcd: no such MLflow run") as info:
         report.find_training_run("models:/mdlm-eval-test@current", uri, "0123abcd")
+    # The library names the field; the CLI prints it as its flag.
+    assert info.value.field == "run_id"
+    assert info.value.describe(cli.FLAGS[info.value.field]).startswith("--run-id 0123abcd: no such MLflow run")
     # A plain model path and no run id: its own experiment, with an artifact location under the runs folder.
     summary = summarize_nelbo([[30.0], [36.0], [33.0]], [10, 12, 11])
     results = {"model": {"uri": str(tmp_path / "model"), "model_type": "ar"}, "settings": {"split": "test"},

@@ -10,7 +10,8 @@ import torch
 
 import mdlm
 from mdlm.config import ConfigError, NoiseConfig, model_config_for
-from mdlm.data.tokenizer import train_bpe
+from mdlm.data.tokenizer import TOKENIZER_FILE, train_bpe
+from mdlm.hub import TOKENIZER_NAME, read_model_config
 from mdlm.modeling import MDLM, ARModel
 from tests.serve_support import SENTENCES
 
@@ -130,6 +131,23 @@ def test_directory_layout(tmp_path, tokenizer):
     assert config["format_version"] == 1
     assert config["model"]["vocab_size"] == 64 and config["model"]["mask_token_id"] == 63
     assert config["noise"]["schedule"] == "cosine"
+
+
+def test_read_model_config_needs_no_weights(tmp_path):
+    model = _mdlm()
+    model.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").unlink()
+    config = read_model_config(tmp_path / "m")
+    assert config.model_type == "mdlm" and config.model_config == model.config
+    assert config.noise_config == model.noise_config
+    assert config.raw == json.loads((tmp_path / "m" / "config.json").read_text())
+    assert TOKENIZER_NAME == TOKENIZER_FILE == "tokenizer.json"
+    _edit_config(tmp_path / "m", lambda c: c.update(model_type="gpt"))
+    with pytest.raises(ConfigError, match="model_type") as info:
+        read_model_config(tmp_path / "m")
+    assert "config.json" in str(info.value)
+    with pytest.raises(FileNotFoundError):
+        read_model_config(tmp_path / "nope")
 
 
 def test_save_into_nested_new_directory(tmp_path):

@@ -41,7 +41,7 @@ def service(model_dirs):
 
     from mdlm.serve.app import build_app
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     limits = {"num_cpus": 0.5, "max_num_samples": 8, "max_steps": 500, "max_prompt_chars": 200,

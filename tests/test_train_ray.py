@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from mdlm.config import load_config
 from mdlm import tracking
-from mdlm.train.launcher import fit
+from mdlm.config import load_config
+from mdlm.data.spec import DataSpec
+from mdlm.train.launcher import fit, register_export
+from mdlm.train.spec import WorkerSpec
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-DATA = {"vocab_size": 64, "mask_token_id": 63, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0,
-        "block_size": 16}
+DATA = DataSpec(vocab_size=64, mask_token_id=63, bos_token_id=0, eos_token_id=0, pad_token_id=0, block_size=16)
 
 
 def _config(root: Path, name: str, *overrides: str):
@@ -25,7 +26,7 @@ def _config(root: Path, name: str, *overrides: str):
         "model.n_layers=2", "model.hidden_size=32", "model.n_heads=2", "model.cond_dim=16", "model.dropout=0.0",
         "training.global_batch_size=16", "training.micro_batch_size=8", "training.lr=5e-3", "training.warmup_steps=2",
         "training.log_every=2", "training.ema_decay=0.9", f"run.storage_path={root / 'ray'}", f"run.name={name}",
-        "run.shuffle_buffer=0", "run.eval_batches=4", *overrides])
+        "run.shuffle_buffer=0", "run.eval_batches=4", f"run.registered_model=mdlm-{name}", *overrides])
 
 
 def _datasets(ray):
@@ -41,10 +42,11 @@ def _run(ray, config, root: Path):
     uri = tracking.default_tracking_uri(root)
     experiment = tracking.ensure_experiment(uri, "tests", root / "mlartifacts")
     run_id, _ = tracking.find_or_create_run(uri, experiment, config.run.name, str(root), config.flat())
-    payload = {"config": config.to_dict(), "data": DATA, "has_validation": True, "tracking_uri": uri,
-               "mlflow_run_id": run_id, "export_dir": str(root / config.run.name / "model"),
-               "registered_model": f"mdlm-{config.run.name}", "model_alias": "current"}
-    return fit(config, payload, _datasets(ray)), uri, run_id
+    spec = WorkerSpec(config=config, data=DATA, export_dir=str(root / config.run.name / "model"),
+                      has_validation=True, tracking_uri=uri, mlflow_run_id=run_id)
+    result = fit(spec, _datasets(ray))  # the workers' part of launcher.train, then the driver's registration
+    register_export(config, uri, run_id, spec.export_dir)
+    return result, uri, run_id
 
 
 def _history(uri, run_id, key):

@@ -11,9 +11,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from mdlm.data.spec import DataSpec
+
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
-SPLITS = ("train", "validation", "test")
 PREPARE_COMMAND = "python pipelines/prepare_data.py"
 
 
@@ -80,12 +81,12 @@ class Manifest:
     def tokenizer_path(self) -> str:
         return self._resolve(self.tokenizer_file)
 
-    def model_fields(self) -> dict[str, Any]:
+    def data_spec(self) -> DataSpec:
         """What a model needs from the data: vocabulary, special ids, block size, tokenizer file."""
-        return {"vocab_size": self.vocab_size, "mask_token_id": self.mask_token_id,
-                "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
-                "pad_token_id": self.pad_token_id, "block_size": self.block_size, "packing": self.packing,
-                "tokenizer_file": self.tokenizer_path}
+        return DataSpec(vocab_size=self.vocab_size, mask_token_id=self.mask_token_id,
+                        bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id,
+                        pad_token_id=self.pad_token_id, block_size=self.block_size, packing=self.packing,
+                        tokenizer_file=self.tokenizer_path)
 
     def _split(self, split: str) -> SplitInfo:
         if split not in self.splits:

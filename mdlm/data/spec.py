@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
 from mdlm.config import ModelConfig
+from mdlm.data.tokenizer import SpecialTokens
 
 
 @dataclass(frozen=True)
@@ -29,12 +29,13 @@ class DataSpec:
     packing: str = "wrap"
     tokenizer_file: str | None = None  # a tokenizer.json the model is exported with (None: in memory only)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DataSpec:
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+    def from_special(cls, special: SpecialTokens, block_size: int, packing: str = "wrap",
+                     tokenizer_file: str | None = None) -> DataSpec:
+        """The spec of rows of ``block_size`` tokens from a tokenizer with these special tokens."""
+        return cls(vocab_size=special.vocab_size, mask_token_id=special.mask_id, bos_token_id=special.bos_id,
+                   eos_token_id=special.eos_id, pad_token_id=special.pad_id, block_size=block_size, packing=packing,
+                   tokenizer_file=tokenizer_file)
 
 
 def resolve_model_config(model: ModelConfig, spec: DataSpec) -> ModelConfig:

@@ -1,11 +1,13 @@
 """Tokenizers for mdlm: train a byte-level BPE on the corpus, or load one; ensure a [MASK] token.
 
 MDLM reuses a tokenizer's own [MASK] (bert-base-uncased: id 103) and otherwise appends one at the end
-of the vocabulary (GPT-2: 50,257 -> 50,258 tokens).
+of the vocabulary (GPT-2: 50,257 -> 50,258 tokens). :func:`load_tokenizer_for` loads the tokenizer a
+``DataConfig`` names, with errors as :class:`~mdlm.data.sources.DataError` (the Ray and in-process paths share it).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import importlib.util
 from collections.abc import Iterable
@@ -14,6 +16,10 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from mdlm.config import DataConfig
+from mdlm.data.sources import DataError
+
+TOKENIZER_FILE = "tokenizer.json"  # the tokenizer's file name in a prepared dataset or an exported model
 MASK_TOKEN = "[MASK]"
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "[PAD]"
@@ -56,7 +62,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a ``tokenizer.json``; padding and truncation are switched off (packing does that)."""
     path = Path(path)
     if path.is_dir():
-        path = path / "tokenizer.json"
+        path = path / TOKENIZER_FILE
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer file not found: {path}")
     tokenizer = Tokenizer.from_file(str(path))
@@ -137,3 +143,35 @@ def special_tokens(tokenizer: Tokenizer) -> SpecialTokens:
     pad = first(PAD_TOKEN, "<pad>")
     return SpecialTokens(vocab_size=tokenizer.get_vocab_size(with_added_tokens=True), mask_id=mask_id,
                          bos_id=bos, eos_id=eos, pad_id=pad if pad is not None else eos)
+
+
+def load_tokenizer_for(config: DataConfig) -> tuple[Tokenizer, SpecialTokens]:
+    """The pretrained / file tokenizer of ``data.tokenizer`` with [MASK]; a :class:`DataError` if it cannot be
+    loaded or lacks the [BOS]/[EOS] tokens that packing needs. (``bpe`` is trained on the corpus instead.)"""
+    try:
+        tokenizer = tokenizer_from_spec(config.tokenizer)
+    except FileNotFoundError as exc:
+        raise DataError(f"data.tokenizer={config.tokenizer!r}: {exc}") from None
+    except Exception as exc:  # tokenizers raises plain Exceptions on malformed files
+        raise DataError(f"data.tokenizer={config.tokenizer!r}: cannot load it ({exc})") from None
+    return tokenizer, special_tokens_for(tokenizer, config.tokenizer)
+
+
+def special_tokens_for(tokenizer: Tokenizer, spec: str) -> SpecialTokens:
+    """:func:`special_tokens` of the tokenizer ``data.tokenizer=spec``, as a :class:`DataError` naming it."""
+    try:
+        return special_tokens(tokenizer)
+    except ValueError as exc:
+        raise DataError(f"data.tokenizer={spec!r}: {exc}; packing needs both") from None
+
+
+def tokenizer_identity(spec: str) -> str:
+    """What identifies ``data.tokenizer=spec`` in a fingerprint: ``bpe``, the pretrained package and version,
+    or the sha256 of the tokenizer file."""
+    if spec == "bpe":
+        return spec
+    if spec in PRETRAINED:
+        return pretrained_version(spec)
+    path = Path(spec)
+    path = path / TOKENIZER_FILE if path.is_dir() else path
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else spec

@@ -15,7 +15,8 @@ Both are reported per real token: divided by the number of attention-mask tokens
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -109,50 +110,178 @@ def continuous_nelbo_weight(schedule: NoiseSchedule, t: Tensor) -> Tensor:
     return -schedule.alpha_prime(t) / schedule.mask_prob(t)
 
 
-def discrete_nelbo_weight(schedule: NoiseSchedule, s: Tensor, t: Tensor) -> Tensor:
-    """(alpha_s - alpha_t) / (1 - alpha_t): weight of the masked-token NLL in step t of the T-step NELBO."""
+def reverse_unmask_prob(schedule: NoiseSchedule, s: Tensor, t: Tensor) -> Tensor:
+    """(alpha_s - alpha_t) / (1 - alpha_t) for s < t.
+
+    Two readings of one quantity: the chance that a position masked at t is unmasked at s in the reverse
+    step (Eq. 7 with SUBS; the samplers use it), and the weight of the masked-token NLL in step t of the
+    T-step NELBO (Eq. 8, times T).
+    """
     return (schedule.alpha(s) - schedule.alpha(t)) / schedule.mask_prob(t)
+
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
+MaskedNLL = Callable[[Tensor, Tensor, Tensor, int], Tensor]
+
+
+@dataclass
+class SequenceNLL:
+    """Per-sequence estimates: ``nll`` [B, K] (K Monte-Carlo NELBO terms, or K copies of an exact NLL) and the
+    number of real tokens each sequence is normalised by, ``num_tokens`` [B]."""
+
+    nll: Tensor
+    num_tokens: Tensor
+
+    def loss_output(self) -> LossOutput:
+        """The batch objective per real token: sum_b mean_k nll_bk / sum_b n_b."""
+        nll_sum = self.nll.mean(dim=1).sum()
+        num_tokens = self.num_tokens.sum().to(nll_sum.dtype)
+        return LossOutput(loss=nll_sum / num_tokens.clamp_min(1), nll_sum=nll_sum, num_tokens=num_tokens)
+
+
+def nelbo_times(u: Tensor, schedule: NoiseSchedule, noise: NoiseConfig) -> tuple[Tensor, Tensor]:
+    """Map uniforms ``u`` to (t, w(t)): continuous t = eps + (1 - eps) u with w = -alpha'_t / (1 - alpha_t)
+    (Eq. 10), or, with ``noise.time == 'discrete'``, t on the grid {1/T, ..., 1} with
+    w = T (alpha_s - alpha_t) / (1 - alpha_t) (Eq. 8)."""
+    if noise.time == "discrete":
+        s, t = discrete_times(u, noise.num_timesteps)
+        return t, noise.num_timesteps * reverse_unmask_prob(schedule, s, t)
+    t = continuous_times(u, noise.sampling_eps)
+    return t, continuous_nelbo_weight(schedule, t)
+
+
+def sequence_nelbo(denoiser: Denoiser, x: Tensor, schedule: NoiseSchedule, noise: NoiseConfig, mask_id: int, *,
+                   attention_mask: Tensor | None = None, mc_samples: int = 1, t: Tensor | None = None,
+                   generator: Generators = None, masked_nll: MaskedNLL = subs_masked_nll) -> SequenceNLL:
+    """K Monte-Carlo estimates of the MDLM NELBO of each sequence of ``x`` [B, L] (Eq. 10, or Eq. 8 in discrete
+    time): ``w(t) * sum_{l : z_t^l = m} -log <x_theta^l(z_t, t), x^l>`` per sequence and time sample.
+
+    ``denoiser(z_t, t)`` returns logits; SUBS is applied here (``masked_nll``: ``subs_masked_nll`` or a compiled
+    copy of it). Times: one antithetic grid ``(u + j / (B K)) mod 1`` over the B K samples (i.i.d. if
+    ``noise.antithetic`` is off; sample k of row b takes index k B + b), then one forward mask per sample.
+    ``generator`` may be one generator, or a sequence of B generators: row b then draws its K times and masks
+    from ``generators[b]`` alone, exactly as a call on that row by itself (batch composition does not matter).
+    ``t`` [B] may be given instead (continuous time, K = 1).
+    """
+    batch = x.shape[0]
+    if mc_samples < 1:
+        raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(x)
+    per_row = generator is not None and not isinstance(generator, torch.Generator)
+    if per_row and len(generator) != batch:  # type: ignore[arg-type]
+        raise ValueError(f"{len(generator)} generators for {batch} rows")  # type: ignore[arg-type]
+    if t is not None:
+        if mc_samples != 1:
+            raise ValueError("a given t allows one sample per sequence (mc_samples=1)")
+        t = t.to(device=x.device, dtype=torch.float64)
+        times = [(t, continuous_nelbo_weight(schedule, t))]
+    else:
+        if per_row:
+            u = torch.stack([antithetic_uniform(mc_samples, antithetic=noise.antithetic, generator=g,
+                                                device=x.device) for g in generator], dim=1)  # type: ignore[union-attr]
+        else:
+            u = antithetic_uniform(batch * mc_samples, antithetic=noise.antithetic, generator=generator,  # type: ignore[arg-type]
+                                   device=x.device).view(mc_samples, batch)
+        times = [nelbo_times(u[k], schedule, noise) for k in range(mc_samples)]
+    columns = []
+    for t_k, weight in times:
+        if per_row:
+            z_t = torch.cat([forward_mask(x[b:b + 1], t_k[b:b + 1], schedule, mask_id,
+                                          attention_mask=attention_mask[b:b + 1], generator=g)
+                             for b, g in enumerate(generator)])  # type: ignore[arg-type]
+        else:
+            z_t = forward_mask(x, t_k, schedule, mask_id, attention_mask=attention_mask,
+                               generator=generator)  # type: ignore[arg-type]
+        nll = masked_nll(denoiser(z_t, t_k.to(device=x.device, dtype=torch.float32)), x, z_t, mask_id)
+        columns.append(nll.sum(dim=-1) * weight.to(device=x.device, dtype=nll.dtype))
+    return SequenceNLL(nll=torch.stack(columns, dim=1), num_tokens=attention_mask.sum(dim=-1))
 
 
 def diffusion_nelbo(denoiser: Denoiser, x: Tensor, schedule: NoiseSchedule, noise: NoiseConfig, mask_id: int, *,
                     attention_mask: Tensor | None = None, t: Tensor | None = None,
                     generator: torch.Generator | None = None,
-                    masked_nll: Callable[[Tensor, Tensor, Tensor, int], Tensor] = subs_masked_nll) -> LossOutput:
-    """Monte-Carlo estimate of the MDLM NELBO of ``x`` [B, L] with one time sample per sequence.
+                    masked_nll: MaskedNLL = subs_masked_nll) -> LossOutput:
+    """Monte-Carlo estimate of the MDLM NELBO of ``x`` [B, L] per real token, one time sample per sequence:
+    :func:`sequence_nelbo` with K = 1, summed over the batch."""
+    return sequence_nelbo(denoiser, x, schedule, noise, mask_id, attention_mask=attention_mask, t=t,
+                          generator=generator, masked_nll=masked_nll).loss_output()
 
-    ``denoiser(z_t, t)`` returns logits; SUBS is applied here. ``t`` may be given (continuous time only);
-    otherwise it is drawn (antithetic if ``noise.antithetic``). Returns the loss per real token.
-    ``masked_nll`` is ``subs_masked_nll`` or a compiled copy of it (see ``mdlm.train.parallelize``).
-    """
-    batch = x.shape[0]
-    if attention_mask is None:
-        attention_mask = torch.ones_like(x)
-    if t is None:
-        u = antithetic_uniform(batch, antithetic=noise.antithetic, generator=generator, device=x.device)
-        if noise.time == "discrete":
-            s, t = discrete_times(u, noise.num_timesteps)
-            weight = noise.num_timesteps * discrete_nelbo_weight(schedule, s, t)
-        else:
-            t = continuous_times(u, noise.sampling_eps)
-            weight = continuous_nelbo_weight(schedule, t)
-    else:
-        t = t.to(device=x.device, dtype=torch.float64)
-        weight = continuous_nelbo_weight(schedule, t)
-    z_t = forward_mask(x, t, schedule, mask_id, attention_mask=attention_mask, generator=generator)
-    logits = denoiser(z_t, t.to(device=x.device, dtype=torch.float32))
-    nll = masked_nll(logits, x, z_t, mask_id)
-    per_sequence = nll.sum(dim=-1) * weight.to(device=x.device, dtype=nll.dtype)
-    nll_sum = per_sequence.sum()
-    num_tokens = attention_mask.sum().to(nll_sum.dtype)
-    return LossOutput(loss=nll_sum / num_tokens.clamp_min(1), nll_sum=nll_sum, num_tokens=num_tokens)
+
+def sequence_next_token_nll(logits: Tensor, x: Tensor, attention_mask: Tensor | None = None) -> SequenceNLL:
+    """Autoregressive baseline, per sequence: sum over predicted real tokens (l >= 1) of -log p(x^l | x^{<l})
+    ([B, 1]), and the number of those tokens (one less than the row's real tokens)."""
+    targets = x[:, 1:]
+    nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), reduction="none")
+    keep = (torch.ones_like(targets) if attention_mask is None else attention_mask[:, 1:]).to(nll.dtype)
+    per_sequence = (nll.view(targets.shape) * keep).sum(dim=-1)
+    return SequenceNLL(nll=per_sequence[:, None], num_tokens=keep.sum(dim=-1))
 
 
 def next_token_nll(logits: Tensor, x: Tensor, attention_mask: Tensor | None = None) -> LossOutput:
-    """Autoregressive baseline: -log p(x^l | x^{<l}) summed over predicted real tokens (l >= 1)."""
-    targets = x[:, 1:]
-    nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), reduction="none")
-    keep = torch.ones_like(targets) if attention_mask is None else attention_mask[:, 1:]
-    keep = keep.to(nll.dtype).flatten()
-    nll_sum = (nll * keep).sum()
-    num_tokens = keep.sum()
-    return LossOutput(loss=nll_sum / num_tokens.clamp_min(1), nll_sum=nll_sum, num_tokens=num_tokens)
+    """Autoregressive baseline: -log p(x^l | x^{<l}) summed over predicted real tokens (l >= 1), per token."""
+    return sequence_next_token_nll(logits, x, attention_mask).loss_output()
+
+
+Backbone = Callable[..., Tensor]  # (tokens [B, L], t [B] | None, attention_mask [B, L] | None) -> logits [B, L, V]
+
+
+@dataclass(frozen=True)
+class MaskedDiffusionObjective:
+    """The MDLM objective of a backbone: the NELBO with SUBS under ``schedule`` and ``noise``.
+
+    What the training loops, validation, evaluation and serving call. ``masked_nll`` is the kernel over the
+    vocabulary; :meth:`compiled` returns a copy with it under ``torch.compile`` (the model is not changed).
+    """
+
+    schedule: NoiseSchedule
+    noise: NoiseConfig
+    mask_id: int
+    masked_nll: MaskedNLL = subs_masked_nll
+    metric = "nelbo"  # what the number is called in logs
+    is_bound = True  # an upper bound on the NLL
+
+    def sequence_nll(self, backbone: Backbone, x: Tensor, attention_mask: Tensor | None = None, *,
+                     mc_samples: int = 1, generator: Generators = None, t: Tensor | None = None) -> SequenceNLL:
+        """Per-sequence NELBO terms [B, K] (see :func:`sequence_nelbo`)."""
+        return sequence_nelbo(lambda z, tt: backbone(z, tt, attention_mask), x, self.schedule, self.noise,
+                              self.mask_id, attention_mask=attention_mask, mc_samples=mc_samples, t=t,
+                              generator=generator, masked_nll=self.masked_nll)
+
+    def loss(self, backbone: Backbone, x: Tensor, attention_mask: Tensor | None = None, *,
+             generator: torch.Generator | None = None, t: Tensor | None = None) -> LossOutput:
+        """One-sample NELBO per real token (exp of it bounds the perplexity)."""
+        return diffusion_nelbo(lambda z, tt: backbone(z, tt, attention_mask), x, self.schedule, self.noise,
+                               self.mask_id, attention_mask=attention_mask, t=t, generator=generator,
+                               masked_nll=self.masked_nll)
+
+    def compiled(self) -> MaskedDiffusionObjective:
+        """The same objective with the masked NLL under ``torch.compile`` (fp32 cast, [MASK] column, log-softmax
+        and their backward fuse)."""
+        return dataclasses.replace(self, masked_nll=torch.compile(subs_masked_nll))
+
+
+@dataclass(frozen=True)
+class NextTokenObjective:
+    """The AR baseline's objective: the exact next-token NLL (no randomness: no generator, no time)."""
+
+    metric = "nll"
+    is_bound = False
+
+    def sequence_nll(self, backbone: Backbone, x: Tensor, attention_mask: Tensor | None = None, *,
+                     mc_samples: int = 1, generator: Generators = None) -> SequenceNLL:
+        """The exact NLL per sequence, repeated in each of the K columns (``generator`` draws nothing: the
+        parameter keeps one signature for both objectives)."""
+        out = sequence_next_token_nll(backbone(x, None, attention_mask), x, attention_mask)
+        return SequenceNLL(nll=out.nll.expand(-1, mc_samples), num_tokens=out.num_tokens)
+
+    def loss(self, backbone: Backbone, x: Tensor, attention_mask: Tensor | None = None, *,
+             generator: torch.Generator | None = None) -> LossOutput:
+        """Next-token NLL per predicted real token."""
+        return next_token_nll(backbone(x, None, attention_mask), x, attention_mask)
+
+    def compiled(self) -> NextTokenObjective:
+        return self
+
+
+Objective = MaskedDiffusionObjective | NextTokenObjective

@@ -115,7 +115,8 @@ class ProjectARScorer(ARScorer):
     def __init__(self, model, name: str, stride: int | None = None, max_length: int | None = None) -> None:
         super().__init__(stride)
         if model.tokenizer is None:
-            raise EvalInputError(f"evaluator {name}: the AR model has no tokenizer.json to re-tokenize texts with")
+            raise EvalInputError("gen.evaluator", "the AR model has no tokenizer.json to re-tokenize texts with",
+                                 value=name)
         self.model, self.name, self.device = model.eval(), name, model.device
         self.max_length = min(max_length or model.config.max_seq_len, model.config.max_seq_len)
 
@@ -141,8 +142,8 @@ class HFCausalLMScorer(ARScorer):
         if context is None and tokenizer.model_max_length and tokenizer.model_max_length < 10**7:
             context = int(tokenizer.model_max_length)
         if context is None and max_length is None:
-            raise EvalInputError(f"evaluator {name}: cannot tell the model's context length from its config; "
-                                 "give it explicitly")
+            raise EvalInputError("gen.evaluator", "cannot tell the model's context length from its config; give "
+                                 "max_length (gen.evaluator_max_length) explicitly", value=name)
         self.max_length = min(x for x in (context, max_length) if x)
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         self.context_ids = [] if bos is None else [int(bos)]
@@ -160,27 +161,28 @@ def evaluator_kind(local_dir: str | os.PathLike[str], name: str | None = None) -
     label = name or str(root)
     config_path = root / "config.json"
     if not root.is_dir():
-        raise EvalInputError(f"--evaluator {label}: directory not found")
+        raise EvalInputError("gen.evaluator", "directory not found", value=label)
     if not config_path.is_file():
-        raise EvalInputError(f"--evaluator {label}: no config.json (not a model directory)")
+        raise EvalInputError("gen.evaluator", "no config.json (not a model directory)", value=label)
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise EvalInputError(f"--evaluator {label}: config.json is not valid JSON ({exc})") from None
+        raise EvalInputError("gen.evaluator", f"config.json is not valid JSON ({exc})", value=label) from None
     if not isinstance(config, dict):
-        raise EvalInputError(f"--evaluator {label}: config.json is not a JSON object")
+        raise EvalInputError("gen.evaluator", "config.json is not a JSON object", value=label)
     if "format_version" in config and config.get("model_type") in ("mdlm", "ar"):
         if config["model_type"] != "ar":
-            raise EvalInputError(f"--evaluator {label}: holds a masked diffusion model; the evaluator must be "
-                                 "autoregressive (this project's AR baseline or a Hugging Face causal LM)")
+            raise EvalInputError("gen.evaluator", "holds a masked diffusion model; the evaluator must be "
+                                 "autoregressive (this project's AR baseline or a Hugging Face causal LM)",
+                                 value=label)
         return "mdlm-ar"
     try:
         import transformers  # noqa: F401
     except ImportError:
-        raise EvalInputError(f"--evaluator {label}: a Hugging Face model directory needs transformers: "
-                             f"{HF_EXTRA}") from None
+        raise EvalInputError("gen.evaluator", f"a Hugging Face model directory needs transformers: {HF_EXTRA}",
+                             value=label) from None
     if not any(root.glob("*.safetensors")) and not any(root.glob("*.bin")):
-        raise EvalInputError(f"--evaluator {label}: no weights (*.safetensors or *.bin) in the directory")
+        raise EvalInputError("gen.evaluator", "no weights (*.safetensors or *.bin) in the directory", value=label)
     return "huggingface"
 
 
@@ -192,7 +194,8 @@ def resolve_evaluator_dir(uri: str | os.PathLike[str]) -> Path:
     try:
         return resolve_model_dir(uri)
     except Exception as exc:  # MLflow or fsspec: unknown model, unreachable store
-        raise EvalInputError(f"--evaluator {uri}: cannot be resolved ({str(exc).splitlines()[0]})") from None
+        raise EvalInputError("gen.evaluator", f"cannot be resolved ({str(exc).splitlines()[0]})",
+                             value=str(uri)) from None
 
 
 def load_scorer(local_dir: str | os.PathLike[str], device: str | torch.device = "cpu", *, name: str | None = None,

@@ -1,15 +1,9 @@
 """Evaluation metrics: per-sequence NELBO, its corpus summary with a standard error, sample entropy and
 generative perplexity. Pure functions on tensors and arrays; no Ray, no files.
 
-Notation as in Sahoo et al. 2024 and ``mdlm.diffusion.objective``: x a clean sequence of L tokens,
-z_t its noised version, alpha_t the schedule, x_theta the SUBS denoiser. For one sequence and one time
-sample t the Monte-Carlo NELBO term is
-
-    w(t) * sum_{l : z_t^l = m} -log <x_theta^l(z_t, t), x^l>,    w(t) = -alpha'_t / (1 - alpha_t)  (Eq. 10)
-
-(T-step discrete time: w = T (alpha_s - alpha_t) / (1 - alpha_t), Eq. 8). Its expectation over t and z_t is
-the sequence's NELBO, an upper bound on -log p_theta(x); divided by the number of real tokens and
-exponentiated it bounds the perplexity.
+The per-sequence NELBO is the training objective itself (:func:`mdlm.diffusion.objective.sequence_nelbo`,
+Eq. 10 / Eq. 8 of Sahoo et al. 2024, through ``model.sequence_nll``); this module adds the corpus summary
+(ratio estimator, standard errors, perplexity bound) and the sample metrics.
 """
 
 from __future__ import annotations
@@ -22,18 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-
-from mdlm.diffusion.objective import (
-    antithetic_uniform,
-    continuous_nelbo_weight,
-    continuous_times,
-    discrete_nelbo_weight,
-    discrete_times,
-    forward_mask,
-    subs_masked_nll,
-)
 
 MAX_LOG_PPL = 700.0  # exp() of more overflows a float64; perplexities are reported as inf beyond it
 
@@ -49,82 +32,16 @@ def safe_exp(x: float) -> float:
 # Per-sequence NELBO
 
 
-def _nelbo_weights(model, u: Tensor) -> tuple[Tensor, Tensor]:
-    """(t, w(t)) for uniforms ``u``, exactly as ``diffusion_nelbo`` maps its draws (continuous or T-step)."""
-    noise = model.noise_config
-    if noise.time == "discrete":
-        s, t = discrete_times(u, noise.num_timesteps)
-        return t, noise.num_timesteps * discrete_nelbo_weight(model.schedule, s, t)
-    t = continuous_times(u, noise.sampling_eps)
-    return t, continuous_nelbo_weight(model.schedule, t)
-
-
-def _masked_nll_sums(model, x: Tensor, z_t: Tensor, t: Tensor, attention_mask: Tensor) -> Tensor:
-    """sum over masked positions of -log <x_theta^l(z_t, t), x^l>, per sequence [B] (float64)."""
-    logits = model.backbone(z_t, t.to(device=x.device, dtype=torch.float32), attention_mask)
-    masked_nll = getattr(model, "masked_nll", subs_masked_nll)  # the model's (possibly compiled) copy, as its loss
-    return masked_nll(logits, x, z_t, model.mask_id).double().sum(dim=-1)
-
-
-def _mdlm_nll_shared(model, x: Tensor, attention_mask: Tensor, mc_samples: int,
-                     generator: torch.Generator | None) -> Tensor:
-    """K Monte-Carlo NELBO terms per sequence [B, K], all rows drawn from one generator.
-
-    Times: ``antithetic_uniform(B * K)`` (sample k of row b takes index k * B + b), then one forward mask per
-    sample, in the order ``diffusion_nelbo`` draws them, so K = 1 reproduces ``model.loss`` exactly."""
-    batch = x.shape[0]
-    u = antithetic_uniform(batch * mc_samples, antithetic=model.noise_config.antithetic, generator=generator,
-                           device=x.device).view(mc_samples, batch)
-    out = torch.empty(batch, mc_samples, dtype=torch.float64, device=x.device)
-    for k in range(mc_samples):
-        t, weight = _nelbo_weights(model, u[k])
-        z_t = forward_mask(x, t, model.schedule, model.mask_id, attention_mask=attention_mask, generator=generator)
-        out[:, k] = _masked_nll_sums(model, x, z_t, t, attention_mask) * weight.to(x.device)
-    return out
-
-
-def _mdlm_nll_per_row(model, x: Tensor, attention_mask: Tensor, mc_samples: int,
-                      generators: Sequence[torch.Generator]) -> Tensor:
-    """K Monte-Carlo NELBO terms per sequence [B, K], row b drawn from ``generators[b]`` alone: the same draws
-    as a call on that row by itself, so the result does not depend on which rows share the batch."""
-    batch = x.shape[0]
-    u = torch.stack([antithetic_uniform(mc_samples, antithetic=model.noise_config.antithetic, generator=g,
-                                        device=x.device) for g in generators], dim=1)  # [K, B]
-    out = torch.empty(batch, mc_samples, dtype=torch.float64, device=x.device)
-    for k in range(mc_samples):
-        t, weight = _nelbo_weights(model, u[k])
-        z_t = torch.cat([forward_mask(x[b:b + 1], t[b:b + 1], model.schedule, model.mask_id,
-                                      attention_mask=attention_mask[b:b + 1], generator=generators[b])
-                         for b in range(batch)])
-        out[:, k] = _masked_nll_sums(model, x, z_t, t, attention_mask) * weight.to(x.device)
-    return out
-
-
-def _ar_nll(model, x: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Exact autoregressive NLL: sum over predicted real tokens (l >= 1) of -log p(x^l | x^{<l}), per sequence."""
-    logits = model.backbone(x, None, attention_mask)
-    nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), x[:, 1:].flatten(), reduction="none")
-    keep = attention_mask[:, 1:].double()
-    return (nll.view(x.shape[0], -1).double() * keep).sum(dim=-1), keep.sum(dim=-1)
-
-
-@torch.no_grad()
 def sequence_nll(model, input_ids: Tensor, attention_mask: Tensor | None = None, *, mc_samples: int = 1,
                  generator: torch.Generator | Sequence[torch.Generator] | None = None) -> tuple[Tensor, Tensor]:
     """Per-sequence NELBO (MDLM) or NLL (AR) in nats: ``(nll [B, K] float64, num_tokens [B] float64)``.
 
-    MDLM: column k is the k-th Monte-Carlo estimate of the sequence's NELBO (Eq. 10, or Eq. 8 in discrete
-    time), using the model's own ``noise_config`` (schedule, eps, continuous/discrete, antithetic) and the
-    library's objective pieces; ``num_tokens`` counts real (attention-mask) tokens. The K times of a call
-    form one antithetic grid ``(u + j / (B K)) mod 1`` (i.i.d. if ``noise.antithetic`` is off); with K = 1 and
-    the same generator state, ``nll.sum() / num_tokens.sum()`` equals ``model.loss(input_ids, attention_mask,
-    generator=g).loss``. ``generator`` may also be a sequence of B generators, one per row: each row is then
-    drawn exactly as a call on that row alone with its generator (batch composition does not matter).
-
-    ARModel: the exact next-token NLL summed over predicted real tokens (positions >= 1, so ``num_tokens`` is
-    one less than the row's real tokens), repeated in each of the K columns; no randomness.
-
-    Runs in eval mode (restored afterwards) under ``torch.no_grad`` on the model's device.
+    The model's own objective (``model.sequence_nll``, i.e. :func:`mdlm.diffusion.objective.sequence_nelbo`
+    for MDLM with its ``noise_config``), the one its training loss is: with K = 1 and the same generator state,
+    ``nll.sum() / num_tokens.sum()`` equals ``model.loss(input_ids, attention_mask, generator=g).loss``.
+    ``generator`` may be a sequence of B generators, one per row (batch composition then does not matter).
+    AR: the exact next-token NLL over predicted real tokens (positions >= 1), repeated in the K columns.
+    This adds input checks and moves the inputs to the model's device.
     """
     if mc_samples < 1:
         raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
@@ -135,22 +52,8 @@ def sequence_nll(model, input_ids: Tensor, attention_mask: Tensor | None = None,
     mask = torch.ones_like(x) if attention_mask is None else torch.as_tensor(attention_mask, device=device).long()
     if mask.shape != x.shape:
         raise ValueError(f"attention_mask shape {tuple(mask.shape)} differs from input_ids {tuple(x.shape)}")
-    per_row = generator is not None and not isinstance(generator, torch.Generator)
-    if per_row and len(generator) != x.shape[0]:  # type: ignore[arg-type]
-        raise ValueError(f"{len(generator)} generators for {x.shape[0]} rows")  # type: ignore[arg-type]
-    was_training = model.training
-    model.eval()
-    try:
-        if model.model_type == "ar":
-            nll, tokens = _ar_nll(model, x, mask)
-            return nll[:, None].expand(-1, mc_samples).contiguous(), tokens
-        if per_row:
-            nll = _mdlm_nll_per_row(model, x, mask, mc_samples, generator)  # type: ignore[arg-type]
-        else:
-            nll = _mdlm_nll_shared(model, x, mask, mc_samples, generator)  # type: ignore[arg-type]
-        return nll, mask.double().sum(dim=-1)
-    finally:
-        model.train(was_training)
+    out = model.sequence_nll(x, mask, mc_samples=mc_samples, generator=generator)
+    return out.nll.double().contiguous(), out.num_tokens.double()
 
 
 def row_seed(seed: int, row_index: int) -> int:

@@ -13,27 +13,24 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mdlm.eval import EvalInputError
+from mdlm.storage import write_text_atomic
+from mdlm.tracking import ensure_experiment
 
 if TYPE_CHECKING:
-    from mdlm.eval.batch import EvalRequest
+    from mdlm.eval.settings import EvalRequest
 
 PARENT_TAG = "mlflow.parentRunId"
 EVALUATION_TAG = "mdlm.evaluation_of"
 ARTIFACT_DIR = "evaluation"
 RESULTS_NAME = "results.json"
-
-
-def tracking_uri(runs_dir: str | os.PathLike[str]) -> str:
-    """``MLFLOW_TRACKING_URI``, else the sqlite store under the runs folder (as the training launcher)."""
-    from mdlm.tracking import default_tracking_uri
-
-    return default_tracking_uri(runs_dir)
 
 
 @dataclass
@@ -73,14 +70,19 @@ def find_training_run(model_uri: str, tracking_uri: str, run_id: str | None = No
                 version = _model_version(client, model_uri)
                 run_id = version.run_id if version is not None else None
         except MlflowException as exc:
-            raise EvalInputError(f"--model {model_uri}: {str(exc).splitlines()[0]}") from None
+            raise EvalInputError("model", str(exc).splitlines()[0], value=model_uri) from None
         if not run_id:
             return None
     try:
         run = client.get_run(run_id)
     except MlflowException:
-        raise EvalInputError(f"--run-id {run_id}: no such MLflow run in {tracking_uri}") from None
+        raise EvalInputError("run_id", f"no such MLflow run in {tracking_uri}", value=run_id) from None
     return TrainingRun(run_id=run.info.run_id, experiment_id=run.info.experiment_id, name=run.info.run_name)
+
+
+def metric_key(name: str) -> str:
+    """A corpus name usable in MLflow metric keys."""
+    return re.sub(r"[^A-Za-z0-9_.\- ]", "_", name)
 
 
 def _finite(value: Any) -> float | None:
@@ -91,8 +93,6 @@ def evaluation_metrics(results: dict[str, Any]) -> dict[str, float]:
     """MLflow metrics: ``{split}_nelbo``, ``_nelbo_se``, ``_ppl_bound`` (+ ``_low``/``_high``) for the main corpus
     (``_nll`` / ``_ppl`` for an AR model), the same under ``zeroshot/{name}/`` for the others, and ``gen_ppl``,
     ``gen_nll``, ``gen_entropy``. Non-finite values are left out."""
-    from mdlm.eval.batch import metric_key
-
     out: dict[str, float | None] = {}
     for name, corpus in results.get("corpora", {}).items():
         prefix = "" if corpus["role"] == "test" else f"zeroshot/{metric_key(name)}/"
@@ -136,30 +136,17 @@ def to_json(data: Any) -> str:
 
 
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
-    """Write ``data`` as JSON through a temporary sibling file renamed into place (never half a file)."""
-    target = Path(path).absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(to_json(data))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    """Write ``data`` as JSON (:func:`to_json`) through a temporary sibling file renamed into place (never half a
+    file; nothing is written when ``data`` is not JSON-serialisable)."""
+    return write_text_atomic(path, to_json(data))
 
 
 def log_evaluation_run(results: dict[str, Any], tracking_uri: str, parent: TrainingRun | None,
                        request: EvalRequest) -> dict[str, Any]:
-    """Create the evaluation run (child of ``parent`` when known), log params, metrics and the results JSON;
-    sets ``results['mlflow']`` and returns it. A failure marks the run FAILED and re-raises."""
+    """Create the evaluation run (child of ``parent`` when known), log params, metrics and the results JSON (with
+    the returned run info under ``mlflow``); returns that info. A failure marks the run FAILED and re-raises."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
-
-    from mdlm.tracking import ensure_experiment
 
     client = MlflowClient(tracking_uri)
     if parent is not None:
@@ -174,10 +161,8 @@ def log_evaluation_run(results: dict[str, Any], tracking_uri: str, parent: Train
     run_id = run.info.run_id
     info = {"run_id": run_id, "experiment_id": experiment_id, "parent_run_id": parent.run_id if parent else None,
             "tracking_uri": tracking_uri, "artifact": f"{run.info.artifact_uri}/{ARTIFACT_DIR}/{RESULTS_NAME}"}
-    results["mlflow"] = info
+    logged = {**results, "mlflow": info}
     try:
-        import time
-
         now = int(time.time() * 1000)
         params = [Param(k, v) for k, v in evaluation_params(results).items()]
         metrics = [Metric(k, v, now, 0) for k, v in evaluation_metrics(results).items()]
@@ -186,7 +171,7 @@ def log_evaluation_run(results: dict[str, Any], tracking_uri: str, parent: Train
         for i in range(0, len(metrics), 1000):
             client.log_batch(run_id, metrics=metrics[i:i + 1000])
         with tempfile.TemporaryDirectory(prefix="mdlm-eval-") as tmp:
-            (Path(tmp) / RESULTS_NAME).write_text(to_json(results))
+            (Path(tmp) / RESULTS_NAME).write_text(to_json(logged))
             client.log_artifact(run_id, str(Path(tmp) / RESULTS_NAME), ARTIFACT_DIR)
     except BaseException:
         client.set_terminated(run_id, status="FAILED")

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from mdlm.config import SAMPLERS
+from mdlm.diffusion.objective import reverse_unmask_prob
 from mdlm.diffusion.schedules import NoiseSchedule
 from mdlm.rng import uniform
 from mdlm.sampling.categorical import resolve_dtype, sample_categorical, top_p_filter
@@ -25,7 +27,8 @@ from mdlm.sampling.categorical import resolve_dtype, sample_categorical, top_p_f
 Denoise = Callable[[Tensor, Tensor], Tensor]  # (z [B, L], t [B]) -> SUBS log-probs [B, L, V]
 StepCallback = Callable[[int, Tensor], None]  # (step index, current z [B, L])
 
-SAMPLERS = ("ancestral", "cached", "first_hitting")
+__all__ = ["SAMPLERS", "SampleOutput", "ancestral_sample", "first_hitting_sample", "run_sampler",
+           "semi_autoregressive_sample"]
 
 
 @dataclass
@@ -36,11 +39,6 @@ class SampleOutput:
 
 def _token_probs(log_probs: Tensor, top_p: float, dtype: torch.dtype) -> Tensor:
     return top_p_filter(log_probs.to(dtype).exp(), top_p)
-
-
-def reverse_unmask_prob(schedule: NoiseSchedule, s: Tensor, t: Tensor) -> Tensor:
-    """(alpha_s - alpha_t) / (1 - alpha_t): chance that a position masked at t is unmasked at s < t."""
-    return (schedule.alpha(s) - schedule.alpha(t)) / schedule.mask_prob(t)
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mdlm.serve.engine import Cancelled, Engine, GenerateJob
 from mdlm.serve.schemas import GenerateRequest, RequestError, ScoreRequest
 from mdlm.serve.settings import ServeConfig, serve_config_from_dict
+from mdlm.storage import is_mlflow_uri, is_url
 
 logger = logging.getLogger("ray.serve")
 
@@ -214,7 +215,7 @@ class MDLMService:
 
 def _absolute_model(model: str) -> str:
     """Replicas may run in another working directory: make an existing local path absolute."""
-    if "://" in model or model.startswith(("models:/", "runs:/")):
+    if is_url(model) or is_mlflow_uri(model):
         return model
     path = Path(model).expanduser()
     if not path.is_dir():
@@ -227,7 +228,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     """Serve application builder (``serve run mdlm.serve.app:build_app model=...`` or a config's ``args``)."""
     settings = serve_config_from_dict(args)
     settings.model = _absolute_model(settings.model)
-    if settings.tracking_uri is None and settings.model.startswith(("models:/", "runs:/")):
+    if settings.tracking_uri is None and is_mlflow_uri(settings.model):
         from mdlm.tracking import default_tracking_uri
 
         settings.tracking_uri = default_tracking_uri("runs")

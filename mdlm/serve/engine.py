@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mdlm.config import SAMPLERS
+from mdlm.eval.metrics import row_generators, safe_exp, sequence_nll
 from mdlm.modeling import MDLM, ARModel
 from mdlm.serve.schemas import GenerateRequest, RequestError, ScoreRequest
 from mdlm.serve.settings import ServeConfig
@@ -82,7 +84,7 @@ class Engine:
 
     @property
     def is_mdlm(self) -> bool:
-        return isinstance(self.model, MDLM)
+        return self.model.model_type == "mdlm"
 
     @property
     def mask_token(self) -> str | None:
@@ -100,7 +102,7 @@ class Engine:
             "vocab_size": self.config.vocab_size,
             "mask_token": self.mask_token,
             "device": str(self.model.device),
-            "samplers": ["ancestral", "cached", "first_hitting"] if self.is_mdlm else ["autoregressive"],
+            "samplers": list(SAMPLERS) if self.is_mdlm else ["autoregressive"],
             "default_sampler": s.default_sampler,
             "noise_schedule": getattr(self.model.noise_config, "schedule", None),
             "limits": {"max_num_samples": s.max_num_samples, "max_length": self.max_length,
@@ -329,7 +331,6 @@ class Engine:
         Requests with the same ``mc_samples`` share one forward batch. Block ``i`` of a request draws its masks
         from its own generator seeded by (request seed, i), so a text's score never depends on what else is in
         the batch."""
-        from mdlm.eval.metrics import row_generators, sequence_nll
 
         planned = [self.plan_score(req) for req in reqs]
         results: list[dict[str, Any]] = [{} for _ in reqs]
@@ -355,7 +356,7 @@ class Engine:
                                                                                           .sum())))
                     start += count
                 results[i] = {"results": texts, "mc_samples": mc_samples, "batch_requests": len(members),
-                              "bound": "exact NLL" if not self.is_mdlm else "NELBO (upper bound on NLL)"}
+                              "bound": "NELBO (upper bound on NLL)" if self.model.objective.is_bound else "exact NLL"}
         return results
 
     @staticmethod
@@ -364,5 +365,5 @@ class Engine:
         k = per_sample.numel()
         nelbo = float(per_sample.mean()) / num_tokens
         se = float(per_sample.std(unbiased=True)) / math.sqrt(k) / num_tokens if k > 1 else None
-        return {"num_tokens": int(num_tokens), "nelbo": nelbo, "perplexity_bound": math.exp(min(nelbo, 700.0)),
+        return {"num_tokens": int(num_tokens), "nelbo": nelbo, "perplexity_bound": safe_exp(nelbo),
                 "std_error": se}

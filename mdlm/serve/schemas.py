@@ -7,11 +7,9 @@ HTTP 4xx with ``{"error": {"field": ..., "message": ...}}``.
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, Field
 
-SamplerName = Literal["ancestral", "cached", "first_hitting"]
+from mdlm.config import SamplerName
 
 
 class RequestError(ValueError):

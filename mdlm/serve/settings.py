@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import yaml
 
-from mdlm.config import ConfigError, _positive, dataclass_from_dict
+from mdlm.config import ConfigError, SamplerName, check_positive, dataclass_from_dict
 
 
 @dataclass
@@ -45,12 +45,12 @@ class ServeConfig:
     max_mc_samples: int = 64
     max_body_bytes: int = 262144
     max_stream_frames: int = 128
-    default_sampler: Literal["ancestral", "cached", "first_hitting"] = "cached"
+    default_sampler: SamplerName = "cached"
 
     def validate(self) -> ServeConfig:
         if not self.model:
             raise ConfigError("model: required (a model directory, fsspec URL or models:/NAME@ALIAS)")
-        _positive(self, "", "port", "num_replicas", "min_replicas", "max_replicas", "max_batch_size",
+        check_positive(self, "", "port", "num_replicas", "min_replicas", "max_replicas", "max_batch_size",
                   "max_num_samples", "max_steps", "max_prompt_chars", "max_texts", "max_text_chars", "max_mc_samples",
                   "max_body_bytes", "max_stream_frames", "num_cpus", "target_ongoing_requests")
         if not 0 < self.port < 65536:

@@ -1,4 +1,5 @@
-"""Sharded training checkpoints with torch.distributed.checkpoint (DCP), and the unsharded export.
+"""Sharded training checkpoints with torch.distributed.checkpoint (DCP): save, find, restore, and the
+unsharded weights for the export.
 
 A checkpoint directory holds DCP's files (one data file per rank plus ``.metadata``, loadable with a
 different number of ranks) for the model, optimizer and EMA, and ``train_state.json`` (step, data position,
@@ -24,6 +25,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from mdlm.storage import absolute
+from mdlm.train.console import log_line
 from mdlm.train.ema import EMA
 
 STATE_FILE = "train_state.json"
@@ -109,3 +112,49 @@ def full_state_dict(model: torch.nn.Module, ema: EMA | None = None) -> dict[str,
         full = value.full_tensor() if hasattr(value, "full_tensor") else value
         out[name] = full.detach().to("cpu", state[name].dtype if name in state else full.dtype)
     return {**state, **out}
+
+
+def checkpoint_candidates(latest: Any, resume_from: str | None) -> list[Any]:
+    """Ray ``Checkpoint``s to try, newest first: Ray's latest, the run's older ones beside it, then
+    ``resume_from``. Listed through the checkpoint's own pyarrow filesystem, so a run on s3:// or gs:// storage
+    finds them too."""
+    import posixpath
+
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    candidates = []
+    if latest is not None:
+        candidates.append(latest)
+        parent = posixpath.dirname(latest.path.rstrip("/"))
+        infos = latest.filesystem.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
+        older = sorted((i.path for i in infos if i.type == pafs.FileType.Directory
+                        and i.base_name.startswith("checkpoint_") and i.path.rstrip("/") != latest.path.rstrip("/")),
+                       reverse=True)
+        candidates.extend(Checkpoint(path, filesystem=latest.filesystem) for path in older)
+    if resume_from:
+        candidates.append(Checkpoint(absolute(resume_from)))
+    return candidates
+
+
+def restore_checkpoint(candidates: list[Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                       scheduler: torch.optim.lr_scheduler.LRScheduler, ema: EMA | None
+                       ) -> tuple[TrainProgress, str | None]:
+    """Collective: load the first complete candidate that loads; incomplete ones are skipped, a failed load
+    falls back to the next. (fresh progress, None) when there is none; an error when complete ones exist but
+    none loads (starting over would rotate them away, and a failed load may have changed the model in place)."""
+    failures = []
+    for checkpoint in candidates:
+        try:
+            with checkpoint.as_directory() as path:
+                if not is_complete(path):
+                    log_line(f"[mdlm] skipping incomplete checkpoint {checkpoint.path}")
+                    continue
+                return load_checkpoint(path, model, optimizer, scheduler, ema), checkpoint.path
+        except (Exception, dcp.CheckpointException) as exc:  # DCP raises CheckpointException, a BaseException
+            log_line(f"[mdlm] checkpoint {checkpoint.path} could not be loaded ({exc}); trying an older one")
+            failures.append(f"{checkpoint.path}: {type(exc).__name__}")
+    if failures:
+        raise RuntimeError("no checkpoint could be loaded (delete the broken ones, or start over with a new "
+                           "run.name):\n  " + "\n  ".join(failures))
+    return TrainProgress(), None

@@ -17,10 +17,12 @@ from typing import Any
 
 import yaml
 
+from mdlm import tracking
 from mdlm.config import Config, ConfigError
 from mdlm.data.sources import DEFAULT_CORPUS
 from mdlm.runtime import init_ray
-from mdlm import tracking
+from mdlm.storage import absolute, is_url, join
+from mdlm.train.spec import WorkerSpec
 
 
 class TrainingError(RuntimeError):
@@ -38,19 +40,10 @@ class TrainResult:
     samples: list[str] = field(default_factory=list)
 
 
-def _is_url(path: str) -> bool:
-    return "://" in path
-
-
-def _storage(path: str) -> str:
-    """The Ray Train storage path: a URL as is, a local path made absolute."""
-    return path if _is_url(path) else str(Path(path).absolute())
-
-
 def _runs_root(config: Config) -> Path:
     """Local folder for the sqlite tracking store and artifacts: the parent of a local storage path."""
     storage = config.run.storage_path
-    return Path(storage).absolute().parent if not _is_url(storage) else Path("runs").absolute()
+    return Path(storage).absolute().parent if not is_url(storage) else Path("runs").absolute()
 
 
 def load_data(config: Config, log=print):
@@ -104,11 +97,11 @@ def train(config: Config, log=print) -> TrainResult:
         log("note: training on GPU in fp32; set training.precision=bf16 for mixed precision")
     init_ray()
     manifest = load_data(config, log)
-    data = manifest.model_fields()
-    if config.model.kind == "mdlm" and data.get("mask_token_id") is None:
+    data = manifest.data_spec()
+    if config.model.kind == "mdlm" and data.mask_token_id is None:
         raise TrainingError("the prepared data has no [MASK] token id")
 
-    storage = _storage(run.storage_path)
+    storage = absolute(run.storage_path)
     runs_root = _runs_root(config)
     tracking_uri = tracking.default_tracking_uri(runs_root)
     experiment_id = tracking.ensure_experiment(tracking_uri, run.mlflow_experiment, runs_root / "mlartifacts")
@@ -117,26 +110,17 @@ def train(config: Config, log=print) -> TrainResult:
     if not resumed:
         _log_run_files(tracking_uri, run_id, config, manifest)
 
-    export_dir = run.export_dir or (f"{storage.rstrip('/')}/{run.name}/model" if _is_url(storage)
-                                    else str(Path(storage) / run.name / "model"))
-    payload = {
-        "config": config.to_dict(),
-        "data": data,
-        "has_validation": manifest.rows("validation") > 0,
-        "tracking_uri": tracking_uri,
-        "mlflow_run_id": run_id,
-        "export_dir": export_dir,
-        "registered_model": registered_model_name(config),
-        "model_alias": run.model_alias,
-    }
+    spec = WorkerSpec(config=config, data=data, export_dir=run.export_dir or join(storage, run.name, "model"),
+                      has_validation=manifest.rows("validation") > 0, tracking_uri=tracking_uri,
+                      mlflow_run_id=run_id)
     # Step logs report training progress; per-worker Ray Data progress bars would only interleave with them.
     ray.data.DataContext.get_current().enable_progress_bars = False
     datasets = {"train": ray.data.read_parquet(manifest.split_files("train"))}
-    if payload["has_validation"]:  # every worker reads the same first eval_batches micro-batches
+    if spec.has_validation:  # every worker reads the same first eval_batches micro-batches
         rows = run.eval_batches * config.training.micro_batch_size
         datasets["validation"] = ray.data.read_parquet(manifest.split_files("validation")).limit(rows)
     try:
-        result = fit(config, payload, datasets)
+        result = fit(spec, datasets)
     except Exception as exc:
         tracking.finish_run(tracking_uri, run_id, "FAILED")
         raise TrainingError(f"training failed: {exc}") from exc
@@ -146,29 +130,42 @@ def train(config: Config, log=print) -> TrainResult:
         tracking.finish_run(tracking_uri, run_id, "FAILED")
         checkpoint = result.checkpoint.path if result.checkpoint else None
         raise TrainingError(f"training stopped: {stopped}; the last good checkpoint is {checkpoint}")
-    out = TrainResult(run_name=run.name, mlflow_run_id=run_id, tracking_uri=tracking_uri, export_dir=export_dir,
+    out = TrainResult(run_name=run.name, mlflow_run_id=run_id, tracking_uri=tracking_uri, export_dir=spec.export_dir,
                       checkpoint=result.checkpoint.path if result.checkpoint else None, metrics=metrics)
-    if not _is_url(export_dir) and Path(export_dir, "config.json").is_file():
-        out.samples = _samples(config, export_dir)
+    if not is_url(spec.export_dir) and Path(spec.export_dir, "config.json").is_file():
+        register_export(config, tracking_uri, run_id, spec.export_dir, log)
+        out.samples = _samples(config, spec.export_dir)
         _log_text(tracking_uri, run_id, "samples.txt", "\n\n---\n\n".join(out.samples))
     tracking.finish_run(tracking_uri, run_id)
     return out
 
 
-def fit(config: Config, payload: dict[str, Any], datasets: dict[str, Any]):
-    """Run ``train_loop_per_worker`` under a Ray Train ``TorchTrainer``; return Ray's ``Result``."""
+def register_export(config: Config, tracking_uri: str, run_id: str, export_dir: str, log=print) -> str | None:
+    """Log the exported model directory as the run's ``model`` artifact and, unless ``run.registered_model`` is
+    null, register it with ``run.model_alias``; returns the version."""
+    source = tracking.log_artifacts(tracking_uri, run_id, export_dir, "model")
+    name = registered_model_name(config)
+    if not name:
+        return None
+    version = tracking.register_model(tracking_uri, run_id, source, name, config.run.model_alias)
+    log(f"registered models:/{name}@{config.run.model_alias} (version {version})")
+    return version
+
+
+def fit(spec: WorkerSpec, datasets: dict[str, Any]):
+    """Run ``train_loop_per_worker(spec)`` under a Ray Train ``TorchTrainer``; return Ray's ``Result``."""
     import ray
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    run = config.run
-    storage = _storage(run.storage_path)
+    run = spec.config.run
+    storage = absolute(run.storage_path)
     resources = {"CPU": run.cpus_per_worker, **({"GPU": 1} if run.use_gpu else {})}
     execution = ray.data.ExecutionOptions(preserve_order=True)  # deterministic order for a given shard
     trainer = TorchTrainer(
         train_loop_per_worker=_entry,
-        train_loop_config=payload,
+        train_loop_config={"spec": spec},
         scaling_config=ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu,
                                      resources_per_worker=resources, placement_strategy=run.placement_strategy),
         run_config=RunConfig(name=run.name, storage_path=storage,
@@ -187,17 +184,14 @@ def _entry(payload: dict[str, Any]) -> None:
 
 
 def _samples(config: Config, export_dir: str) -> list[str]:
-    from mdlm.modeling import MDLM, load_pretrained
+    from mdlm.modeling import load_pretrained
 
     model = load_pretrained(export_dir)
     if model.tokenizer is None:
         return []
     s = config.sampling
     length = min(s.length or model.config.max_seq_len, model.config.max_seq_len)
-    kwargs: dict[str, Any] = {"top_p": s.top_p, "dtype": s.dtype, "seed": s.seed}
-    if isinstance(model, MDLM):
-        kwargs.update(steps=s.steps, sampler=s.sampler)
-    return model.generate(None, num_samples=s.num_samples, length=length, **kwargs)
+    return model.generate(None, num_samples=s.num_samples, length=length, **model.sampling_kwargs(s))
 
 
 def _log_run_files(tracking_uri: str, run_id: str, config: Config, manifest) -> None:

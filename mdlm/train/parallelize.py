@@ -2,7 +2,7 @@
 
 Order, as in torchtitan: activation checkpointing, then per-block ``torch.compile``, then FSDP2
 (``fully_shard`` on every transformer block, then on the backbone as the root). The backbone is the root
-because it is the module whose ``forward`` runs (``MDLM.loss`` calls ``model.backbone(...)``); FSDP2's
+because it is the module whose ``forward`` runs (the objective calls ``model.backbone(...)``); FSDP2's
 hooks live on ``forward``.
 """
 
@@ -15,7 +15,6 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mdlm.diffusion.objective import subs_masked_nll
 from mdlm.modeling import MDLM, ARModel
 
 
@@ -54,11 +53,9 @@ def parallelize(model: MDLM | ARModel, plan: ParallelPlan, mesh=None) -> MDLM | 
     if plan.compile:
         for block in blocks:
             block.compile()
-        # The output layer and the loss over the vocabulary are memory-bound element-wise work outside the
-        # blocks (fp32 cast, [MASK] column, log-softmax, and their backward): compiled, they fuse.
+        # The output layer is memory-bound element-wise work outside the blocks: compiled, it fuses. (The loss
+        # over the vocabulary is compiled by the objective: ``objective.compiled()``.)
         model.backbone.final.compile()
-        if isinstance(model, MDLM):
-            model.masked_nll = torch.compile(subs_masked_nll)
     if plan.fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
