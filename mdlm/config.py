@@ -23,8 +23,16 @@ import yaml
 PRESET_DIR = Path(__file__).parent / "presets"
 
 ScheduleName = Literal["loglinear", "linear", "cosine", "cosinesqr", "geometric"]
-SamplerName = Literal["ancestral", "cached", "first_hitting"]
+ModelKind = Literal["mdlm", "sedd", "d3pm", "ar"]
+MODEL_KINDS: tuple[str, ...] = typing.get_args(ModelKind)
+DIFFUSION_KINDS = ("mdlm", "sedd", "d3pm")  # masked diffusion models: a [MASK] token, a noise schedule, samplers
+SamplerName = Literal["ancestral", "cached", "first_hitting", "euler"]
 SAMPLERS: tuple[str, ...] = typing.get_args(SamplerName)  # the diffusion samplers (mdlm.sampling.samplers)
+# Which samplers each kind takes: 'euler' is SEDD's Euler step; D3PM's model may keep a position masked, which
+# the first-hitting sampler (exact for MDLM's process) does not allow for.
+KIND_SAMPLERS: dict[str, tuple[str, ...]] = {"mdlm": ("ancestral", "cached", "first_hitting"),
+                                             "sedd": ("ancestral", "cached", "first_hitting", "euler"),
+                                             "d3pm": ("ancestral", "cached")}
 
 
 class ConfigError(ValueError):
@@ -40,7 +48,9 @@ class ModelConfig:
     defaults here (GPT-2 + [MASK], 1,024 tokens) serve models built by hand.
     """
 
-    kind: Literal["mdlm", "ar"] = "mdlm"
+    # mdlm: SUBS + NELBO (the paper); sedd: SEDD absorbing (score entropy); d3pm: D3PM absorbing (T-step ELBO,
+    # no SUBS); ar: the autoregressive baseline. All but ar share the masked forward process and samplers.
+    kind: ModelKind = "mdlm"
     hidden_size: int = 512
     n_layers: int = 8
     n_heads: int = 8
@@ -70,9 +80,9 @@ class ModelConfig:
                               "for rotary embeddings")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"{prefix}.dropout: {self.dropout} is not in [0, 1)")
-        if self.kind == "mdlm":
+        if self.kind in DIFFUSION_KINDS:
             if self.mask_token_id is None:
-                raise ConfigError(f"{prefix}.mask_token_id: required for kind 'mdlm'")
+                raise ConfigError(f"{prefix}.mask_token_id: required for kind '{self.kind}'")
             if not 0 <= self.mask_token_id < self.vocab_size:
                 raise ConfigError(f"{prefix}.mask_token_id: {self.mask_token_id} is outside the vocabulary "
                                   f"[0, {self.vocab_size})")
@@ -105,6 +115,7 @@ class NoiseConfig:
     time: Literal["continuous", "discrete"] = "continuous"
     num_timesteps: int = 1000
     antithetic: bool = True
+    aux_ce_weight: float = 0.0  # D3PM's auxiliary cross-entropy weight lambda (training loss only; kind d3pm)
 
     def validate(self, prefix: str = "noise") -> None:
         if not 0.0 < self.sampling_eps < 1.0:
@@ -114,6 +125,8 @@ class NoiseConfig:
             raise ConfigError(f"{prefix}.sigma_min: must be >= 0, got {self.sigma_min}")
         if self.schedule == "geometric" and self.sigma_min == 0:
             raise ConfigError(f"{prefix}.sigma_min: the geometric schedule needs sigma_min > 0")
+        if not self.aux_ce_weight >= 0:
+            raise ConfigError(f"{prefix}.aux_ce_weight: must be >= 0, got {self.aux_ce_weight}")
         if self.sigma_min is not None and self.sigma_max is not None and self.sigma_min >= self.sigma_max:
             raise ConfigError(f"{prefix}.sigma_min: {self.sigma_min} must be below sigma_max {self.sigma_max}")
 
@@ -283,6 +296,16 @@ class Config:
     def validate(self) -> Config:
         for f in fields(self):
             getattr(self, f.name).validate(f.name)
+        kind = self.model.kind
+        if kind == "sedd" and self.noise.time != "continuous":
+            raise ConfigError("noise.time: SEDD's score-entropy bound is continuous in time (model.kind=sedd)")
+        if kind == "d3pm" and self.noise.time != "discrete":
+            raise ConfigError("noise.time: D3PM's ELBO has T steps; set noise.time=discrete (model.kind=d3pm)")
+        if self.noise.aux_ce_weight and kind != "d3pm":
+            raise ConfigError(f"noise.aux_ce_weight: only D3PM (model.kind=d3pm) has an auxiliary loss, not {kind!r}")
+        if kind in KIND_SAMPLERS and self.sampling.sampler not in KIND_SAMPLERS[kind]:
+            raise ConfigError(f"sampling.sampler: {self.sampling.sampler!r} does not apply to model.kind={kind}; "
+                              f"choose one of {', '.join(KIND_SAMPLERS[kind])}")
         # A model trained from this config has max_seq_len = data.block_size (mdlm.data.spec).
         block = self.data.block_size
         if self.sampling.length is not None and self.sampling.stride is None and self.sampling.length > block:

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from mdlm.config import ConfigError, ModelConfig, NoiseConfig, dataclass_from_dict
+from mdlm.config import MODEL_KINDS, ConfigError, ModelConfig, NoiseConfig, dataclass_from_dict
 from mdlm.data.tokenizer import TOKENIZER_FILE as TOKENIZER_NAME
 from mdlm.storage import atomic_dir, is_mlflow_uri, is_url
 
@@ -101,8 +101,8 @@ def read_model_config(path: str | os.PathLike[str]) -> ModelDirConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{config_path}: expected a JSON object, got {type(raw).__name__}")
     model_type = raw.get("model_type")
-    if model_type not in ("mdlm", "ar"):
-        raise ConfigError(f"{config_path}: model_type must be 'mdlm' or 'ar', got {model_type!r}")
+    if model_type not in MODEL_KINDS:
+        raise ConfigError(f"{config_path}: model_type must be one of {', '.join(MODEL_KINDS)}, got {model_type!r}")
     try:
         model_config = dataclass_from_dict(ModelConfig, raw.get("model") or {}, "model")
         model_config.validate()

@@ -6,6 +6,7 @@ Both wrap the same DiT backbone and add their objective, sampling, text generati
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -14,7 +15,8 @@ import torch
 from tokenizers import Tokenizer
 from torch import Tensor, nn
 
-from mdlm.config import ModelConfig, NoiseConfig, SamplingConfig
+from mdlm.config import KIND_SAMPLERS, ConfigError, ModelConfig, NoiseConfig, SamplingConfig
+from mdlm.diffusion.d3pm import D3PMObjective, d3pm_unmask_prob
 from mdlm.diffusion.objective import (
     LossOutput,
     MaskedDiffusionObjective,
@@ -24,10 +26,11 @@ from mdlm.diffusion.objective import (
     zero_masked_log_probs,
 )
 from mdlm.diffusion.schedules import get_schedule
+from mdlm.diffusion.sedd import analytic_unmask_prob, euler_unmask_prob, log_ratios, score_entropy
 from mdlm.hub import read_model_dir, write_model_dir
 from mdlm.models.dit import DiT
 from mdlm.sampling.categorical import resolve_dtype, sample_categorical, top_p_filter
-from mdlm.sampling.samplers import SampleOutput, run_sampler, semi_autoregressive_sample
+from mdlm.sampling.samplers import SampleOutput, UnmaskRule, run_sampler, semi_autoregressive_sample
 
 IdsLike = Tensor | Sequence[int] | Sequence[Sequence[int]]
 
@@ -56,7 +59,7 @@ class _PretrainedModel(nn.Module):
     @classmethod
     def _from_parts(cls, parts: dict[str, Any]):
         kwargs = {"tokenizer": parts["tokenizer"]}
-        if cls.model_type == "mdlm":
+        if cls.model_type != "ar":
             kwargs["noise"] = parts["noise_config"]
         model = cls(parts["model_config"], **kwargs)
         model.load_state_dict(parts["state_dict"], strict=True)
@@ -130,17 +133,41 @@ class MDLM(_PretrainedModel):
     def __init__(self, config: ModelConfig, noise: NoiseConfig | None = None,
                  tokenizer: Tokenizer | None = None) -> None:
         super().__init__()
-        if config.kind != "mdlm":
-            raise ValueError(f"MDLM needs model.kind='mdlm', got {config.kind!r}")
+        if config.kind != self.model_type:
+            raise ValueError(f"{type(self).__name__} needs model.kind={self.model_type!r}, got {config.kind!r}")
         config.validate()
         self.config = config
-        self.noise_config = noise or NoiseConfig()
+        self.noise_config = noise or self.default_noise()
         self.noise_config.validate()
         self.schedule = get_schedule(self.noise_config)
         self.mask_id = int(config.mask_token_id)  # type: ignore[arg-type]
         self.tokenizer = tokenizer
         self.backbone = DiT(config, causal=False)
-        self.objective = MaskedDiffusionObjective(self.schedule, self.noise_config, self.mask_id)
+        self.objective = self.build_objective()
+
+    @property
+    def samplers(self) -> tuple[str, ...]:
+        """The ``sampler=`` names this model takes."""
+        return KIND_SAMPLERS[self.model_type]
+
+    @staticmethod
+    def default_noise() -> NoiseConfig:
+        return NoiseConfig()
+
+    def build_objective(self) -> MaskedDiffusionObjective | D3PMObjective:
+        """The NELBO with SUBS (Eq. 10 / Eq. 8)."""
+        return MaskedDiffusionObjective(self.schedule, self.noise_config, self.mask_id)
+
+    def sampler_log_weights(self, logits: Tensor) -> Tensor:
+        """What the samplers draw from at a masked position: log x_theta, zero-masked (SUBS). Samplers only draw
+        at masked positions and never touch the others (carry-over), so the carried-over one-hots are never
+        materialised."""
+        return zero_masked_log_probs(logits, self.mask_id)
+
+    def unmask_rule(self, sampler: str) -> UnmaskRule | None:
+        """How a masked position leaves the mask in a reverse step; None: MDLM's exact
+        (alpha_s - alpha_t) / (1 - alpha_t)."""
+        return None
 
     def forward(self, z_t: Tensor, t: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
         """Denoiser logits [B, L, V] for the noised sequence z_t at time t."""
@@ -152,8 +179,10 @@ class MDLM(_PretrainedModel):
 
     def loss(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, t: Tensor | None = None,
              generator: torch.Generator | None = None) -> LossOutput:
-        """One-sample Monte-Carlo NELBO per real token (an upper bound on the NLL; exp of it bounds perplexity)."""
-        return self.objective.loss(self.backbone, input_ids, attention_mask, generator=generator, t=t)
+        """One-sample Monte-Carlo NELBO per real token (an upper bound on the NLL; exp of it bounds perplexity).
+        ``t`` [B] fixes the times (continuous-time objectives only)."""
+        times = {} if t is None else {"t": t}
+        return self.objective.loss(self.backbone, input_ids, attention_mask, generator=generator, **times)
 
     def sampling_kwargs(self, sampling: SamplingConfig) -> dict[str, Any]:
         """The ``sample``/``generate`` arguments this model takes from a sampling config."""
@@ -206,15 +235,17 @@ class MDLM(_PretrainedModel):
     def _sample_window(self, z: Tensor, steps: int | None, sampler: str, top_p: float, dtype: str | torch.dtype,
                        generator: torch.Generator | None, callback: Callable[[int, Tensor], None] | None
                        ) -> SampleOutput:
+        if sampler not in self.samplers:
+            raise ValueError(f"sampler {sampler!r} does not apply to a {self.model_type} model; "
+                             f"available: {', '.join(self.samplers)}")
         steps = steps or max(int((z == self.mask_id).sum(dim=-1).max()), 1)
-        # Samplers only draw at masked positions and never touch the others (carry-over), so they get the
-        # zero-masked distribution without materialising the carried-over one-hots.
+
         def denoise(z_t: Tensor, t: Tensor) -> Tensor:
-            return zero_masked_log_probs(self.backbone(z_t, t), self.mask_id)
+            return self.sampler_log_weights(self.backbone(z_t, t))
 
         return run_sampler(sampler, denoise, z, self.schedule, self.mask_id, steps=steps, top_p=top_p,
                            dtype=dtype, generator=generator, callback=callback,
-                           allow_cache=not self.config.time_conditioning)
+                           allow_cache=not self.config.time_conditioning, unmask_rule=self.unmask_rule(sampler))
 
     def generate(self, prompt: str | None = None, *, infill: str | None = None, num_samples: int = 1,
                  length: int | None = None, **sample_kwargs: Any) -> list[str]:
@@ -232,6 +263,55 @@ class MDLM(_PretrainedModel):
                 [self.config.bos_token_id] if self.config.bos_token_id is not None else None)
             out = self.sample(num_samples, length, prefix=prefix, **sample_kwargs)
         return self.decode(out.tokens)
+
+
+class SEDD(MDLM):
+    """SEDD absorbing (Lou et al. 2024) on the same backbone, data and forward process: the network outputs log
+    concrete scores (``mdlm.diffusion.sedd``), trained with the diffusion-weighted denoising score entropy.
+    Sampling: ``ancestral``/``cached`` take SEDD's analytic (Tweedie) step, ``euler`` its Euler step."""
+
+    model_type = "sedd"
+
+    def build_objective(self) -> MaskedDiffusionObjective:
+        """The score-entropy bound, on MDLM's estimator and weight (continuous time)."""
+        if self.noise_config.time != "continuous":
+            raise ConfigError("noise.time: SEDD's score-entropy bound is continuous in time (model.kind=sedd)")
+        return MaskedDiffusionObjective(self.schedule, self.noise_config, self.mask_id, masked_nll=score_entropy)
+
+    def sampler_log_weights(self, logits: Tensor) -> Tensor:
+        """log exp(o_y): the scores over r_t, unnormalised, [MASK] excluded."""
+        return log_ratios(logits, self.mask_id)
+
+    def unmask_rule(self, sampler: str) -> UnmaskRule:
+        rule = euler_unmask_prob if sampler == "euler" else analytic_unmask_prob
+        return functools.partial(rule, self.schedule)
+
+
+class D3PM(MDLM):
+    """D3PM absorbing (Austin et al. 2021) on the same backbone, data and forward process: x~_theta over the
+    whole vocabulary ([MASK] included: no zero-masking, no carry-over), trained on the T-step ELBO
+    (``noise.time=discrete``) with an optional auxiliary cross-entropy (``noise.aux_ce_weight``).
+    Sampling: D3PM's reverse step, in which a masked position stays masked with 1 - p + p x~([MASK]); the last
+    step (s = 0) draws every remaining position from x~ over the real tokens."""
+
+    model_type = "d3pm"
+
+    @staticmethod
+    def default_noise() -> NoiseConfig:
+        return NoiseConfig(time="discrete")
+
+    def build_objective(self) -> D3PMObjective:
+        if self.noise_config.time != "discrete":
+            raise ConfigError("noise.time: D3PM's ELBO has T steps; set noise.time=discrete (model.kind=d3pm)")
+        return D3PMObjective(self.schedule, self.noise_config, self.mask_id)
+
+    def sampler_log_weights(self, logits: Tensor) -> Tensor:
+        """log x~(y) for the real tokens, [MASK]'s mass left out (so the weights sum to 1 - x~([MASK]))."""
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        return log_probs.index_fill(-1, torch.tensor([self.mask_id], device=log_probs.device), float("-inf"))
+
+    def unmask_rule(self, sampler: str) -> UnmaskRule:
+        return functools.partial(d3pm_unmask_prob, self.schedule)
 
 
 class ARModel(_PretrainedModel):
@@ -298,16 +378,18 @@ class ARModel(_PretrainedModel):
         return self.decode(self.sample(num_samples, length, prefix=prefix, **sample_kwargs).tokens)
 
 
+MODEL_CLASSES: dict[str, type[MDLM] | type[ARModel]] = {"mdlm": MDLM, "sedd": SEDD, "d3pm": D3PM, "ar": ARModel}
+
+
 def build_model(config: ModelConfig, noise: NoiseConfig | None = None,
                 tokenizer: Tokenizer | None = None) -> MDLM | ARModel:
     """The model class that ``config.kind`` names."""
     if config.kind == "ar":
         return ARModel(config, tokenizer=tokenizer)
-    return MDLM(config, noise=noise, tokenizer=tokenizer)
+    return MODEL_CLASSES[config.kind](config, noise=noise, tokenizer=tokenizer)
 
 
 def load_pretrained(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> MDLM | ARModel:
     """Load whichever model (MDLM or AR) a ``save_pretrained`` directory holds."""
     parts = read_model_dir(path, map_location)
-    cls = MDLM if parts["model_type"] == "mdlm" else ARModel
-    return cls._from_parts(parts)
+    return MODEL_CLASSES[parts["model_type"]]._from_parts(parts)

@@ -104,3 +104,25 @@ def test_score_blocks_cover_long_texts(engine):
     for mine, alone in zip(crowd[1]["results"], out["results"], strict=True):
         assert mine == {k: pytest.approx(v, rel=1e-6) for k, v in alone.items()}
     assert torch.isfinite(torch.tensor([r["perplexity_bound"] for r in out["results"]])).all()
+
+
+@pytest.mark.parametrize("kind", ["sedd", "d3pm"])
+def test_baselines_generate_with_each_of_their_samplers_and_score_a_bound(tmp_path, kind):
+    path = make_model_dir(tmp_path / kind, kind=kind)
+    engine = Engine(load_pretrained(path), serve_config_from_dict({"model": str(path)}))
+    assert engine.info()["samplers"] == list(engine.model.samplers) and engine.info()["model_type"] == kind
+    for sampler in engine.model.samplers:
+        job = engine.plan_generate(GenerateRequest(prompt="To be", length=16, steps=8, sampler=sampler, seed=0))
+        result = engine.run_generate([job])[0]
+        assert result["sampler"] == sampler and result["samples"][0]["text"].startswith("To be")
+    scored = engine.score(ScoreRequest(texts=["To be, or not to be"], mc_samples=2))
+    assert scored["bound"].startswith("NELBO") and scored["results"][0]["nelbo"] > 0
+
+
+def test_a_sampler_of_another_kind_is_a_request_error(engine, tmp_path):
+    with pytest.raises(RequestError) as info:
+        engine.plan_generate(GenerateRequest(length=16, steps=8, sampler="euler"))
+    assert info.value.field == "sampler" and "euler" in info.value.message
+    path = make_model_dir(tmp_path / "d3pm", kind="d3pm")
+    with pytest.raises(ValueError, match="default_sampler"):
+        Engine(load_pretrained(path), serve_config_from_dict({"model": str(path), "default_sampler": "first_hitting"}))

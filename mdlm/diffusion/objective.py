@@ -139,26 +139,23 @@ class SequenceNLL:
         return LossOutput(loss=nll_sum / num_tokens.clamp_min(1), nll_sum=nll_sum, num_tokens=num_tokens)
 
 
-def nelbo_times(u: Tensor, schedule: NoiseSchedule, noise: NoiseConfig) -> tuple[Tensor, Tensor]:
-    """Map uniforms ``u`` to (t, w(t)): continuous t = eps + (1 - eps) u with w = -alpha'_t / (1 - alpha_t)
-    (Eq. 10), or, with ``noise.time == 'discrete'``, t on the grid {1/T, ..., 1} with
-    w = T (alpha_s - alpha_t) / (1 - alpha_t) (Eq. 8)."""
-    if noise.time == "discrete":
-        s, t = discrete_times(u, noise.num_timesteps)
-        return t, noise.num_timesteps * reverse_unmask_prob(schedule, s, t)
-    t = continuous_times(u, noise.sampling_eps)
-    return t, continuous_nelbo_weight(schedule, t)
+@dataclass(frozen=True)
+class NoisedBatch:
+    """One Monte-Carlo sample of the forward process for a batch: times and z_t ~ q(z_t | x)."""
+
+    t: Tensor  # [B] float64
+    s: Tensor | None  # [B] float64, t - 1/T in discrete time; None in continuous time
+    z_t: Tensor  # [B, L]
 
 
-def sequence_nelbo(denoiser: Denoiser, x: Tensor, schedule: NoiseSchedule, noise: NoiseConfig, mask_id: int, *,
-                   attention_mask: Tensor | None = None, mc_samples: int = 1, t: Tensor | None = None,
-                   generator: Generators = None, masked_nll: MaskedNLL = subs_masked_nll) -> SequenceNLL:
-    """K Monte-Carlo estimates of the MDLM NELBO of each sequence of ``x`` [B, L] (Eq. 10, or Eq. 8 in discrete
-    time): ``w(t) * sum_{l : z_t^l = m} -log <x_theta^l(z_t, t), x^l>`` per sequence and time sample.
+def noised_batches(x: Tensor, schedule: NoiseSchedule, noise: NoiseConfig, mask_id: int, *,
+                   attention_mask: Tensor, mc_samples: int = 1, t: Tensor | None = None,
+                   generator: Generators = None) -> list[NoisedBatch]:
+    """K forward-process samples of ``x`` [B, L], the draws every NELBO estimator here shares.
 
-    ``denoiser(z_t, t)`` returns logits; SUBS is applied here (``masked_nll``: ``subs_masked_nll`` or a compiled
-    copy of it). Times: one antithetic grid ``(u + j / (B K)) mod 1`` over the B K samples (i.i.d. if
-    ``noise.antithetic`` is off; sample k of row b takes index k B + b), then one forward mask per sample.
+    Times: one antithetic grid ``(u + j / (B K)) mod 1`` over the B K samples (i.i.d. if ``noise.antithetic``
+    is off; sample k of row b takes index k B + b), mapped to t ~ U[eps, 1] (continuous) or to the grid
+    {1/T, ..., 1} with s = t - 1/T (``noise.time == 'discrete'``); then one forward mask per sample.
     ``generator`` may be one generator, or a sequence of B generators: row b then draws its K times and masks
     from ``generators[b]`` alone, exactly as a call on that row by itself (batch composition does not matter).
     ``t`` [B] may be given instead (continuous time, K = 1).
@@ -166,16 +163,13 @@ def sequence_nelbo(denoiser: Denoiser, x: Tensor, schedule: NoiseSchedule, noise
     batch = x.shape[0]
     if mc_samples < 1:
         raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(x)
     per_row = generator is not None and not isinstance(generator, torch.Generator)
     if per_row and len(generator) != batch:  # type: ignore[arg-type]
         raise ValueError(f"{len(generator)} generators for {batch} rows")  # type: ignore[arg-type]
     if t is not None:
         if mc_samples != 1:
             raise ValueError("a given t allows one sample per sequence (mc_samples=1)")
-        t = t.to(device=x.device, dtype=torch.float64)
-        times = [(t, continuous_nelbo_weight(schedule, t))]
+        times: list[tuple[Tensor | None, Tensor]] = [(None, t.to(device=x.device, dtype=torch.float64))]
     else:
         if per_row:
             u = torch.stack([antithetic_uniform(mc_samples, antithetic=noise.antithetic, generator=g,
@@ -183,9 +177,12 @@ def sequence_nelbo(denoiser: Denoiser, x: Tensor, schedule: NoiseSchedule, noise
         else:
             u = antithetic_uniform(batch * mc_samples, antithetic=noise.antithetic, generator=generator,  # type: ignore[arg-type]
                                    device=x.device).view(mc_samples, batch)
-        times = [nelbo_times(u[k], schedule, noise) for k in range(mc_samples)]
-    columns = []
-    for t_k, weight in times:
+        if noise.time == "discrete":
+            times = [discrete_times(u[k], noise.num_timesteps) for k in range(mc_samples)]
+        else:
+            times = [(None, continuous_times(u[k], noise.sampling_eps)) for k in range(mc_samples)]
+    samples = []
+    for s_k, t_k in times:
         if per_row:
             z_t = torch.cat([forward_mask(x[b:b + 1], t_k[b:b + 1], schedule, mask_id,
                                           attention_mask=attention_mask[b:b + 1], generator=g)
@@ -193,7 +190,37 @@ def sequence_nelbo(denoiser: Denoiser, x: Tensor, schedule: NoiseSchedule, noise
         else:
             z_t = forward_mask(x, t_k, schedule, mask_id, attention_mask=attention_mask,
                                generator=generator)  # type: ignore[arg-type]
-        nll = masked_nll(denoiser(z_t, t_k.to(device=x.device, dtype=torch.float32)), x, z_t, mask_id)
+        samples.append(NoisedBatch(t=t_k, s=s_k, z_t=z_t))
+    return samples
+
+
+def nelbo_weight(schedule: NoiseSchedule, sample: NoisedBatch, num_timesteps: int) -> Tensor:
+    """The weight of the masked-token NLL of ``sample``: -alpha'_t / (1 - alpha_t) in continuous time (Eq. 10),
+    T (alpha_s - alpha_t) / (1 - alpha_t) in T-step discrete time (Eq. 8)."""
+    if sample.s is None:
+        return continuous_nelbo_weight(schedule, sample.t)
+    return num_timesteps * reverse_unmask_prob(schedule, sample.s, sample.t)
+
+
+def sequence_nelbo(denoiser: Denoiser, x: Tensor, schedule: NoiseSchedule, noise: NoiseConfig, mask_id: int, *,
+                   attention_mask: Tensor | None = None, mc_samples: int = 1, t: Tensor | None = None,
+                   generator: Generators = None, masked_nll: MaskedNLL = subs_masked_nll) -> SequenceNLL:
+    """K Monte-Carlo estimates of the MDLM NELBO of each sequence of ``x`` [B, L] (Eq. 10, or Eq. 8 in discrete
+    time): ``w(t) * sum_{l : z_t^l = m} -log <x_theta^l(z_t, t), x^l>`` per sequence and time sample, on the
+    draws of :func:`noised_batches`.
+
+    ``denoiser(z_t, t)`` returns logits; ``masked_nll`` turns them into the per-position term at masked
+    positions: SUBS (``subs_masked_nll``, or a compiled copy), or SEDD's score entropy
+    (:func:`mdlm.diffusion.sedd.score_entropy`), which shares this estimator and weight.
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones_like(x)
+    columns = []
+    for sample in noised_batches(x, schedule, noise, mask_id, attention_mask=attention_mask, mc_samples=mc_samples,
+                                 t=t, generator=generator):
+        nll = masked_nll(denoiser(sample.z_t, sample.t.to(device=x.device, dtype=torch.float32)), x, sample.z_t,
+                         mask_id)
+        weight = nelbo_weight(schedule, sample, noise.num_timesteps)
         columns.append(nll.sum(dim=-1) * weight.to(device=x.device, dtype=nll.dtype))
     return SequenceNLL(nll=torch.stack(columns, dim=1), num_tokens=attention_mask.sum(dim=-1))
 
@@ -258,7 +285,7 @@ class MaskedDiffusionObjective:
     def compiled(self) -> MaskedDiffusionObjective:
         """The same objective with the masked NLL under ``torch.compile`` (fp32 cast, [MASK] column, log-softmax
         and their backward fuse)."""
-        return dataclasses.replace(self, masked_nll=torch.compile(subs_masked_nll))
+        return dataclasses.replace(self, masked_nll=torch.compile(self.masked_nll))
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mdlm.config import MODEL_KINDS
 from mdlm.eval import EvalInputError
 
 HF_EXTRA = "pip install 'mdlm[eval]'  (transformers)"
@@ -170,7 +171,7 @@ def evaluator_kind(local_dir: str | os.PathLike[str], name: str | None = None) -
         raise EvalInputError("gen.evaluator", f"config.json is not valid JSON ({exc})", value=label) from None
     if not isinstance(config, dict):
         raise EvalInputError("gen.evaluator", "config.json is not a JSON object", value=label)
-    if "format_version" in config and config.get("model_type") in ("mdlm", "ar"):
+    if "format_version" in config and config.get("model_type") in MODEL_KINDS:
         if config["model_type"] != "ar":
             raise EvalInputError("gen.evaluator", "holds a masked diffusion model; the evaluator must be "
                                  "autoregressive (this project's AR baseline or a Hugging Face causal LM)",

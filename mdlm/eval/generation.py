@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import ray
 
+from mdlm.config import DIFFUSION_KINDS
 from mdlm.eval.metrics import generative_perplexity, row_seed, unigram_entropy
 from mdlm.eval.pool import actor_resources, materialized, setup_torch
 from mdlm.eval.results import GenResult
@@ -27,7 +28,7 @@ def generate_samples(model, num_samples: int, gen: GenSettings, seed: int):
     bos = model.config.bos_token_id
     prefix = [bos] if bos is not None else None
     kwargs: dict[str, Any] = {"top_p": gen.top_p, "dtype": gen.dtype, "prefix": prefix, "seed": seed}
-    if model.model_type == "mdlm":
+    if model.model_type in DIFFUSION_KINDS:
         kwargs.update(steps=gen.steps, sampler=gen.sampler, stride=gen.stride)
     out = model.sample(num_samples, gen.length or model.config.max_seq_len, **kwargs)
     return out.tokens, len(prefix or []), out.num_forward_passes

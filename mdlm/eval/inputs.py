@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mdlm.config import ConfigError, ModelConfig
+from mdlm.config import DIFFUSION_KINDS, ConfigError, ModelConfig
 from mdlm.eval import EvalInputError
 from mdlm.hub import TOKENIZER_NAME, WEIGHTS_NAME, read_model_config, resolve_model_dir
 
@@ -23,14 +23,14 @@ class ModelInfo:
 
     uri: str
     local_dir: Path
-    model_type: str  # 'mdlm' or 'ar'
+    model_type: str  # a model.kind: 'mdlm', 'sedd', 'd3pm' or 'ar'
     config: ModelConfig
     noise: dict[str, Any] | None  # the noise section of config.json, as written
     tokenizer_file: Path | None
 
     @property
-    def is_mdlm(self) -> bool:
-        return self.model_type == "mdlm"
+    def is_diffusion(self) -> bool:
+        return self.model_type in DIFFUSION_KINDS
 
 
 def inspect_model(uri: str) -> ModelInfo:

@@ -70,7 +70,7 @@ class EvalResults:
             "settings": {"split": s.split, "mc_samples": s.mc_samples, "max_rows": s.max_rows,
                          "batch_size": s.batch_size, "num_actors": s.num_actors, "device": s.device, "seed": s.seed,
                          "confidence": s.confidence},
-            "corpora": {r.name: {"role": "test" if i == 0 else "zero-shot", **r.to_dict(self.model.is_mdlm)}
+            "corpora": {r.name: {"role": "test" if i == 0 else "zero-shot", **r.to_dict(self.model.is_diffusion)}
                         for i, r in enumerate(self.corpora)},
             "generative": self.generative.to_dict() if self.generative else None,
             "seconds": self.seconds,

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from mdlm.config import KIND_SAMPLERS
 from mdlm.eval import EvalInputError, report
 from mdlm.eval.datasource import split_files
 from mdlm.eval.inputs import Corpus, ModelInfo, check_compatible, inspect_model, open_corpus
@@ -41,12 +42,15 @@ def prepare(request: EvalRequest, tracking_uri: str | None) -> tuple[ModelInfo, 
     if model.tokenizer_file is None:
         raise EvalInputError("gen.num_samples", f"the model {model.uri} has no tokenizer.json to decode samples")
     length = gen.length or max_len
-    if length > max_len and (not model.is_mdlm or gen.stride is None):
-        hint = "; set gen.stride for semi-autoregressive generation" if model.is_mdlm else ""
+    if length > max_len and (not model.is_diffusion or gen.stride is None):
+        hint = "; set gen.stride for semi-autoregressive generation" if model.is_diffusion else ""
         raise EvalInputError("gen.length", f"{length} exceeds the model's max_seq_len {max_len}{hint}")
     if gen.stride is not None and gen.stride >= max_len:
         raise EvalInputError("gen.stride", f"{gen.stride} must be below max_seq_len {max_len}")
-    if not model.is_mdlm and model.config.bos_token_id is None:
+    if model.is_diffusion and gen.sampler not in KIND_SAMPLERS[model.model_type]:
+        raise EvalInputError("gen.sampler", f"{gen.sampler!r} does not apply to a {model.model_type} model; choose "
+                             f"one of {', '.join(KIND_SAMPLERS[model.model_type])}")
+    if not model.is_diffusion and model.config.bos_token_id is None:
         raise EvalInputError("gen.num_samples", f"the AR model {model.uri} has no bos_token_id to start from")
     evaluator_dir = resolve_evaluator_dir(str(gen.evaluator))
     evaluator_kind(evaluator_dir, gen.evaluator)

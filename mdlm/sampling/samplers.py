@@ -26,6 +26,9 @@ from mdlm.sampling.categorical import resolve_dtype, sample_categorical, top_p_f
 
 Denoise = Callable[[Tensor, Tensor], Tensor]  # (z [B, L], t [B]) -> SUBS log-probs [B, L, V]
 StepCallback = Callable[[int, Tensor], None]  # (step index, current z [B, L])
+# (s, t, log_mass [N]) -> P(unmask) [N] for N masked positions whose denoiser output has total mass
+# exp(log_mass) over real tokens; None: the exact (alpha_s - alpha_t) / (1 - alpha_t) of a normalised x_theta.
+UnmaskRule = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 __all__ = ["SAMPLERS", "SampleOutput", "ancestral_sample", "first_hitting_sample", "run_sampler",
            "semi_autoregressive_sample"]
@@ -44,8 +47,13 @@ def _token_probs(log_probs: Tensor, top_p: float, dtype: torch.dtype) -> Tensor:
 @torch.no_grad()
 def ancestral_sample(denoise: Denoise, z: Tensor, schedule: NoiseSchedule, mask_id: int, *, steps: int,
                      cache: bool = False, top_p: float = 1.0, dtype: str | torch.dtype = torch.float64,
-                     generator: torch.Generator | None = None, callback: StepCallback | None = None) -> SampleOutput:
+                     generator: torch.Generator | None = None, callback: StepCallback | None = None,
+                     unmask_rule: UnmaskRule | None = None) -> SampleOutput:
     """Ancestral sampling on the uniform grid t_i = 1 - i / steps, ending at t = 0 with nothing masked.
+
+    ``denoise`` may return unnormalised log-weights over the real tokens (SEDD's scores, D3PM's x~ without its
+    [MASK] mass); ``unmask_rule`` then gives each masked position's probability of leaving the mask from its
+    total mass, and the token is drawn in proportion to the weights. The rule must return 1 at s = 0.
 
     ``cache=True`` reuses x_theta for every row whose z is unchanged (valid only without time conditioning,
     where x_theta depends on z alone) and recomputes only the rows that changed: the same draws as without
@@ -74,8 +82,13 @@ def ancestral_sample(denoise: Denoise, z: Tensor, schedule: NoiseSchedule, mask_
             log_probs[rows] = denoise(z[rows], t.expand(rows.numel()).to(z.device, torch.float32))
             passes += 1
         stale.zero_()
-        p_unmask = reverse_unmask_prob(schedule, s, t).item()
-        unmask = masked & (uniform(tuple(z.shape), dtype=dtype, device=z.device, generator=generator) < p_unmask)
+        draws = uniform(tuple(z.shape), dtype=dtype, device=z.device, generator=generator)
+        if unmask_rule is None:
+            unmask = masked & (draws < reverse_unmask_prob(schedule, s, t).item())
+        else:
+            p_unmask = unmask_rule(s, t, torch.logsumexp(log_probs[masked].double(), dim=-1))
+            unmask = masked.clone()
+            unmask[masked] = draws[masked] < p_unmask.to(draws.dtype)
         if unmask.any():
             # Only the positions that unmask need their distribution in sampling precision.
             z[unmask] = sample_categorical(_token_probs(log_probs[unmask], top_p, dtype), dtype=dtype,
@@ -127,14 +140,17 @@ def first_hitting_sample(denoise: Denoise, z: Tensor, schedule: NoiseSchedule, m
 def run_sampler(name: str, denoise: Denoise, z: Tensor, schedule: NoiseSchedule, mask_id: int, *, steps: int,
                 top_p: float = 1.0, dtype: str | torch.dtype = torch.float64,
                 generator: torch.Generator | None = None, callback: StepCallback | None = None,
-                allow_cache: bool = True) -> SampleOutput:
-    """Dispatch to a sampler by name: 'ancestral', 'cached' (ancestral with reuse) or 'first_hitting'."""
+                allow_cache: bool = True, unmask_rule: UnmaskRule | None = None) -> SampleOutput:
+    """Dispatch to a sampler by name: 'ancestral', 'cached' (ancestral with reuse), or 'first_hitting';
+    ``unmask_rule`` (see :func:`ancestral_sample`) applies to the ancestral two ('euler' is SEDD's rule, chosen by
+    the model, on the ancestral loop)."""
     if name == "first_hitting":
         return first_hitting_sample(denoise, z, schedule, mask_id, top_p=top_p, dtype=dtype, generator=generator,
                                     callback=callback)
-    if name in ("ancestral", "cached"):
+    if name in ("ancestral", "cached", "euler"):
         return ancestral_sample(denoise, z, schedule, mask_id, steps=steps, cache=name == "cached" and allow_cache,
-                                top_p=top_p, dtype=dtype, generator=generator, callback=callback)
+                                top_p=top_p, dtype=dtype, generator=generator, callback=callback,
+                                unmask_rule=unmask_rule)
     raise ValueError(f"unknown sampler {name!r}; available: {', '.join(SAMPLERS)}")
 
 

@@ -176,7 +176,7 @@ class MDLMService:
     @api.post("/v1/generate/stream")
     async def generate_stream(self, body: GenerateRequest) -> StreamingResponse:
         job = self.engine.plan_generate(body)
-        if not self.engine.is_mdlm:
+        if not self.engine.is_diffusion:
             raise RequestError("sampler", "streaming denoising states needs a masked diffusion model")
         return StreamingResponse(self._stream_lines(job), media_type="application/x-ndjson")
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mdlm.config import SAMPLERS
+from mdlm.config import DIFFUSION_KINDS
 from mdlm.eval.metrics import row_generators, safe_exp, sequence_nll
 from mdlm.modeling import MDLM, ARModel
 from mdlm.serve.schemas import GenerateRequest, RequestError, ScoreRequest
@@ -79,12 +79,15 @@ class Engine:
         self.tokenizer = model.tokenizer
         self.config = model.config
         self.block = self.config.max_seq_len
-        self.max_length = settings.max_length or (4 * self.block if self.is_mdlm else self.block)
+        self.max_length = settings.max_length or (4 * self.block if self.is_diffusion else self.block)
         self._pieces: dict[int, str] = {}
+        if self.is_diffusion and settings.default_sampler not in model.samplers:
+            raise ValueError(f"default_sampler: {settings.default_sampler!r} does not apply to a {model.model_type} "
+                             f"model; choose one of {', '.join(model.samplers)}")
 
     @property
-    def is_mdlm(self) -> bool:
-        return self.model.model_type == "mdlm"
+    def is_diffusion(self) -> bool:
+        return self.model.model_type in DIFFUSION_KINDS
 
     @property
     def mask_token(self) -> str | None:
@@ -102,7 +105,7 @@ class Engine:
             "vocab_size": self.config.vocab_size,
             "mask_token": self.mask_token,
             "device": str(self.model.device),
-            "samplers": list(SAMPLERS) if self.is_mdlm else ["autoregressive"],
+            "samplers": list(self.model.samplers) if self.is_diffusion else ["autoregressive"],
             "default_sampler": s.default_sampler,
             "noise_schedule": getattr(self.model.noise_config, "schedule", None),
             "limits": {"max_num_samples": s.max_num_samples, "max_length": self.max_length,
@@ -129,8 +132,11 @@ class Engine:
         if req.prompt is not None and req.infill is not None:
             raise RequestError("infill", "give either prompt or infill, not both")
         sampler = req.sampler or s.default_sampler
-        if not self.is_mdlm:
+        if not self.is_diffusion:
             return self._plan_ar(req)
+        if sampler not in self.model.samplers:
+            raise RequestError("sampler", f"{sampler!r} does not apply to a {self.model.model_type} model; "
+                               f"choose one of {', '.join(self.model.samplers)}")
         mask_id = self.model.mask_id
         if req.infill is not None:
             if req.length is not None or req.stride is not None:
@@ -265,7 +271,7 @@ class Engine:
     def stream(self, job: GenerateJob, emit: Callable[[dict[str, Any]], None],
                cancelled: Callable[[], bool] = lambda: False) -> dict[str, Any]:
         """Run one job alone, calling ``emit`` with intermediate states (at most ``max_stream_frames``)."""
-        if not self.is_mdlm:
+        if not self.is_diffusion:
             raise RequestError("sampler", "streaming denoising states needs a masked diffusion model")
         every = max(1, math.ceil(job.steps / self.settings.max_stream_frames))
         last_masked = [-1]

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from mdlm import tracking
-from mdlm.config import Config, ConfigError
+from mdlm.config import DIFFUSION_KINDS, Config, ConfigError
 from mdlm.data.sources import DEFAULT_CORPUS
 from mdlm.runtime import init_ray
 from mdlm.storage import absolute, is_url, join
@@ -80,10 +80,11 @@ def load_data(config: Config, log=print):
 
 
 def registered_model_name(config: Config) -> str | None:
-    """The MLflow registered model the export goes to; the AR baseline never moves the MDLM's alias."""
+    """The MLflow registered model the export goes to ('auto': ``mdlm``, ``mdlm-ar``, ``mdlm-sedd``,
+    ``mdlm-d3pm``): a baseline never moves the MDLM's alias."""
     name = config.run.registered_model
     if name == "auto":
-        return "mdlm-ar" if config.model.kind == "ar" else "mdlm"
+        return "mdlm" if config.model.kind == "mdlm" else f"mdlm-{config.model.kind}"
     return name
 
 
@@ -98,7 +99,7 @@ def train(config: Config, log=print) -> TrainResult:
     init_ray()
     manifest = load_data(config, log)
     data = manifest.data_spec()
-    if config.model.kind == "mdlm" and data.mask_token_id is None:
+    if config.model.kind in DIFFUSION_KINDS and data.mask_token_id is None:
         raise TrainingError("the prepared data has no [MASK] token id")
 
     storage = absolute(run.storage_path)
