@@ -116,6 +116,9 @@ class NoiseConfig:
     num_timesteps: int = 1000
     antithetic: bool = True
     aux_ce_weight: float = 0.0  # D3PM's auxiliary cross-entropy weight lambda (training loss only; kind d3pm)
+    # SUBS carry-over unmasking in the objective (MDLM). false: the paper's ablation, in which the denoiser's
+    # predictions at unmasked positions are scored too (a looser bound); samplers always keep given tokens.
+    carry_over: bool = True
 
     def validate(self, prefix: str = "noise") -> None:
         if not 0.0 < self.sampling_eps < 1.0:
@@ -301,6 +304,8 @@ class Config:
             raise ConfigError("noise.time: SEDD's score-entropy bound is continuous in time (model.kind=sedd)")
         if kind == "d3pm" and self.noise.time != "discrete":
             raise ConfigError("noise.time: D3PM's ELBO has T steps; set noise.time=discrete (model.kind=d3pm)")
+        if not self.noise.carry_over and kind != "mdlm":
+            raise ConfigError(f"noise.carry_over: the carry-over ablation is MDLM's (model.kind=mdlm), not {kind!r}")
         if self.noise.aux_ce_weight and kind != "d3pm":
             raise ConfigError(f"noise.aux_ce_weight: only D3PM (model.kind=d3pm) has an auxiliary loss, not {kind!r}")
         if kind in KIND_SAMPLERS and self.sampling.sampler not in KIND_SAMPLERS[kind]:

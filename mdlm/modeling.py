@@ -23,7 +23,9 @@ from mdlm.diffusion.objective import (
     NextTokenObjective,
     SequenceNLL,
     subs_log_probs,
+    subs_masked_nll,
     zero_masked_log_probs,
+    zero_masked_nll,
 )
 from mdlm.diffusion.schedules import get_schedule
 from mdlm.diffusion.sedd import analytic_unmask_prob, euler_unmask_prob, log_ratios, score_entropy
@@ -155,8 +157,9 @@ class MDLM(_PretrainedModel):
         return NoiseConfig()
 
     def build_objective(self) -> MaskedDiffusionObjective | D3PMObjective:
-        """The NELBO with SUBS (Eq. 10 / Eq. 8)."""
-        return MaskedDiffusionObjective(self.schedule, self.noise_config, self.mask_id)
+        """The NELBO with SUBS (Eq. 10 / Eq. 8); without carry-over when ``noise.carry_over`` is off."""
+        masked_nll = subs_masked_nll if self.noise_config.carry_over else zero_masked_nll
+        return MaskedDiffusionObjective(self.schedule, self.noise_config, self.mask_id, masked_nll=masked_nll)
 
     def sampler_log_weights(self, logits: Tensor) -> Tensor:
         """What the samplers draw from at a masked position: log x_theta, zero-masked (SUBS). Samplers only draw

@@ -48,7 +48,6 @@ def find_or_create_run(tracking_uri: str, experiment_id: str, run_name: str, sto
                        params: dict[str, Any]) -> tuple[str, bool]:
     """(run_id, resumed): reuse the run of an earlier attempt with the same name and storage, else create."""
     from mlflow import MlflowClient
-    from mlflow.entities import Param
 
     client = MlflowClient(tracking_uri)
     query = f"tags.`{RUN_NAME_TAG}` = '{run_name}' and tags.`{STORAGE_TAG}` = '{storage_path}'"
@@ -56,12 +55,21 @@ def find_or_create_run(tracking_uri: str, experiment_id: str, run_name: str, sto
                                order_by=["attributes.start_time DESC"])
     if found:
         return found[0].info.run_id, True
-    run = client.create_run(experiment_id, run_name=run_name,
-                            tags={RUN_NAME_TAG: run_name, STORAGE_TAG: storage_path})
+    return create_run(tracking_uri, experiment_id, run_name, params, {STORAGE_TAG: storage_path}), False
+
+
+def create_run(tracking_uri: str, experiment_id: str, run_name: str, params: dict[str, Any],
+               tags: dict[str, str] | None = None) -> str:
+    """A new run named ``run_name`` with ``params`` (values cut to MLflow's 6,000 characters) and ``tags``."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    client = MlflowClient(tracking_uri)
+    run = client.create_run(experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, **(tags or {})})
     items = [Param(k, str(v)[:6000]) for k, v in params.items()]
     for i in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[i:i + 100])
-    return run.info.run_id, False
+    return run.info.run_id
 
 
 class MetricBuffer:

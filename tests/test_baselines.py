@@ -11,7 +11,14 @@ import torch
 
 from mdlm.config import ConfigError, NoiseConfig, TrainingConfig, load_config
 from mdlm.diffusion.d3pm import D3PMObjective, d3pm_unmask_prob
-from mdlm.diffusion.objective import MaskedDiffusionObjective, reverse_unmask_prob, subs_masked_nll
+from mdlm.diffusion.objective import (
+    MaskedDiffusionObjective,
+    continuous_nelbo_weight,
+    noised_batches,
+    reverse_unmask_prob,
+    subs_masked_nll,
+    zero_masked_nll,
+)
 from mdlm.diffusion.schedules import get_schedule
 from mdlm.diffusion.sedd import analytic_unmask_prob, euler_unmask_prob, log_ratios, score_entropy
 from mdlm.modeling import D3PM, MDLM, SEDD, build_model, load_pretrained
@@ -277,3 +284,33 @@ def test_samplers_and_noise_are_checked_per_kind(tiny_config):
         load_config("cpu", ["sampling.sampler=euler"])
     assert load_config("cpu", ["model.kind=d3pm", "noise.time=discrete", "noise.aux_ce_weight=0.01"])
     assert load_config("cpu", ["model.kind=sedd", "sampling.sampler=euler"])
+
+
+def test_without_carry_over_the_unmasked_positions_are_scored_too():
+    """The ablation: on the same draws, the bound gains w(t) * sum over unmasked real positions of
+    -log x_theta(x^l), and is never below the SUBS bound."""
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(6, 8, V, generator=g)
+    x = torch.randint(0, TOKENS, (6, 8), generator=g)
+    attention = torch.ones_like(x)
+    attention[:, 6:] = 0  # padding is never scored
+    noise = NoiseConfig()
+    schedule = get_schedule(noise)
+    subs = MaskedDiffusionObjective(schedule, noise, MASK)
+    ablation = MaskedDiffusionObjective(schedule, noise, MASK, masked_nll=zero_masked_nll)
+    a = subs.sequence_nll(lambda z, t, m: logits, x, attention, mc_samples=2,
+                          generator=torch.Generator().manual_seed(1))
+    b = ablation.sequence_nll(lambda z, t, m: logits, x, attention, mc_samples=2,
+                              generator=torch.Generator().manual_seed(1))
+    samples = noised_batches(x, schedule, noise, MASK, attention_mask=attention, mc_samples=2,
+                             generator=torch.Generator().manual_seed(1))
+    per_position = zero_masked_nll(logits, x, x, MASK)
+    for k, sample in enumerate(samples):
+        unmasked = ((sample.z_t != MASK) & attention.bool()).float()
+        extra = (per_position * unmasked).sum(-1) * continuous_nelbo_weight(schedule, sample.t).float()
+        torch.testing.assert_close(b.nll[:, k], a.nll[:, k] + extra)
+    assert (b.nll >= a.nll).all()
+    config = load_config("cpu", ["noise.carry_over=false"])
+    assert load_config("cpu").noise.carry_over and not config.noise.carry_over
+    with pytest.raises(ConfigError, match=r"noise\.carry_over"):
+        load_config("cpu", ["noise.carry_over=false", "model.kind=sedd"])

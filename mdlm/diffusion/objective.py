@@ -105,6 +105,16 @@ def subs_masked_nll(logits: Tensor, x: Tensor, z_t: Tensor, mask_id: int) -> Ten
     return torch.where(z_t == mask_id, nll, torch.zeros_like(nll))
 
 
+def zero_masked_nll(logits: Tensor, x: Tensor, z_t: Tensor, mask_id: int) -> Tensor:
+    """-log <x_theta^l(z_t, t), x^l> at every position, [B, L] float32: zero-masking without carry-over (the
+    paper's ablation). Unmasked positions are scored by the network's own prediction instead of a copy, which
+    adds non-negative terms to the bound. (``sequence_nelbo`` keeps real positions only.)"""
+    logits = logits.float()
+    mask_column = torch.zeros(logits.shape[-1], device=logits.device, dtype=logits.dtype)
+    mask_column[mask_id] = float("-inf")
+    return F.cross_entropy((logits + mask_column).flatten(0, -2), x.flatten(), reduction="none").view(x.shape)
+
+
 def continuous_nelbo_weight(schedule: NoiseSchedule, t: Tensor) -> Tensor:
     """-alpha'_t / (1 - alpha_t): weight of the masked-token NLL in the continuous-time NELBO (Eq. 10)."""
     return -schedule.alpha_prime(t) / schedule.mask_prob(t)
@@ -219,7 +229,7 @@ def sequence_nelbo(denoiser: Denoiser, x: Tensor, schedule: NoiseSchedule, noise
     for sample in noised_batches(x, schedule, noise, mask_id, attention_mask=attention_mask, mc_samples=mc_samples,
                                  t=t, generator=generator):
         nll = masked_nll(denoiser(sample.z_t, sample.t.to(device=x.device, dtype=torch.float32)), x, sample.z_t,
-                         mask_id)
+                         mask_id) * attention_mask
         weight = nelbo_weight(schedule, sample, noise.num_timesteps)
         columns.append(nll.sum(dim=-1) * weight.to(device=x.device, dtype=nll.dtype))
     return SequenceNLL(nll=torch.stack(columns, dim=1), num_tokens=attention_mask.sum(dim=-1))
