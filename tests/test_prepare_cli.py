@@ -86,3 +86,20 @@ def test_prepare_then_reuse_then_force(tmp_path, corpus):
     assert forced.returncode == 0 and f"{out}: written in" in forced.stdout
     assert json.loads((out / "manifest.json").read_text())["splits"] == manifest["splits"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "prepared"]
+
+
+@pytest.mark.ray
+def test_default_preparation_is_where_the_main_job_reads(tmp_path, monkeypatch):
+    """``python pipelines/prepare_data.py`` with no arguments prepares the corpus the main job
+    (``pipelines/train.py``, preset cpu-ray) then finds, instead of preparing it a second time."""
+    from mdlm.config import load_config
+    from mdlm.train.launcher import load_data
+
+    result = _run(cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = tmp_path / load_config("cpu-ray").data.output_dir
+    assert f"{expected.relative_to(tmp_path)}: written in" in result.stdout
+    monkeypatch.chdir(tmp_path)
+    said: list[str] = []
+    manifest = load_data(load_config("cpu-ray"), log=said.append)
+    assert said == [] and Path(manifest.root).resolve() == expected.resolve()
