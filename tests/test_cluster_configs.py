@@ -170,6 +170,29 @@ def test_autoscaler_node_types(name):
     assert "ray start --address=$RAY_HEAD_IP:6379" in " ".join(config["worker_start_ray_commands"])
 
 
+
+@pytest.mark.parametrize("name", AUTOSCALER)
+def test_autoscaler_cluster_runs_with_token_authentication(name):
+    """Every node starts Ray with RAY_AUTH_MODE=token and the token of the machine that ran `ray up`, which the
+    header tells the user to create before `ray up` (and which the Jobs CLI there reads)."""
+    text = (CLUSTER / name).read_text()
+    config = yaml.safe_load(text)
+    assert config["file_mounts"]["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in config[key] if "ray start" in c]
+        assert starts and all(c.index("export RAY_AUTH_MODE=token;") < c.index("ray start") for c in starts), key
+    header = text_lines(text, comments_only=True)
+    order = [next(i for i, line in enumerate(header) if needle in line)
+             for needle in ("export RAY_AUTH_MODE=token", "ray get-auth-token --generate", f"ray up cluster/{name}",
+                            "ray job submit")]
+    assert order == sorted(order)
+
+
+def test_no_cluster_file_switches_authentication_off():
+    for path in [*yaml_files(), CLUSTER / "README.md", CLUSTER / "Dockerfile"]:
+        assert "RAY_AUTH_MODE=disabled" not in path.read_text(), path
+        assert "mode: disabled" not in path.read_text(), path
+
 def _torch_pin() -> str:
     pin = re.search(r'"torch==([^"]+)"', (ROOT / "pyproject.toml").read_text())
     assert pin, "pyproject.toml pins torch"
@@ -278,6 +301,7 @@ def test_kuberay_resource(where, doc):
             assert any(m["mountPath"] == "/mnt/shared" for m in container["volumeMounts"])
             env = {e["name"]: e.get("value") for e in container.get("env", [])}
             assert env.get("MLFLOW_TRACKING_URI", "").startswith("http"), f"{where}: shared MLflow server"
+    assert cluster["authOptions"] == {"mode": "token"}, f"{where}: Ray's token authentication on"
     if doc["kind"] == "RayCluster":
         assert cluster["enableInTreeAutoscaling"] is True
     if doc["kind"] == "RayJob":
