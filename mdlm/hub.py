@@ -27,6 +27,7 @@ from mdlm.storage import atomic_dir, is_mlflow_uri, is_url
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
+MLFLOW_MODEL_ARTIFACT = "model"  # the model directory inside an MLflow pyfunc model: artifacts/model/
 
 
 @dataclass(frozen=True)
@@ -62,12 +63,13 @@ def write_model_dir(path: str | os.PathLike[str], *, model_type: str, model_conf
 def resolve_model_dir(uri: str | os.PathLike[str]) -> Path:
     """A local directory for ``uri``: a local path as is; an MLflow URI (``models:/NAME@ALIAS``,
     ``models:/NAME/VERSION``, ``runs:/ID/model``) downloaded by MLflow (tracking URI from
-    ``MLFLOW_TRACKING_URI``); any other fsspec URL (``s3://``, ``gs://``, ``file://``...) copied to a temp dir."""
+    ``MLFLOW_TRACKING_URI``); any other fsspec URL (``s3://``, ``gs://``, ``file://``...) copied to a temp dir.
+    An MLflow pyfunc model of this project resolves to the model directory it holds."""
     text = str(uri)
     if is_mlflow_uri(text):
         import mlflow
 
-        return Path(mlflow.artifacts.download_artifacts(text))
+        return _inside_mlflow_model(Path(mlflow.artifacts.download_artifacts(text)))
     if is_url(text):
         import fsspec
 
@@ -75,12 +77,31 @@ def resolve_model_dir(uri: str | os.PathLike[str]) -> Path:
         if not fs.isdir(remote):
             raise FileNotFoundError(f"model directory not found: {text}")
         local = Path(tempfile.mkdtemp(prefix="mdlm-model-"))
+        if fs.exists(f"{remote.rstrip('/')}/MLmodel"):  # an MLflow pyfunc model: its files, then the inner folder
+            fs.get(remote.rstrip("/") + "/", str(local), recursive=True)
+            return _inside_mlflow_model(local)
         for name in (CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_NAME):
             source = f"{remote.rstrip('/')}/{name}"
             if fs.exists(source):
                 fs.get(source, str(local / name))
         return local
-    return Path(text)
+    return _inside_mlflow_model(Path(text))
+
+
+def _inside_mlflow_model(root: Path) -> Path:
+    """The model directory itself when ``root`` is an MLflow pyfunc model of one (:mod:`mdlm.mlflow_model`): its
+    ``MLmodel`` names it as the pyfunc artifact ``model``."""
+    mlmodel = root / "MLmodel"
+    if not mlmodel.is_file():
+        return root
+    import yaml
+
+    try:
+        flavor = yaml.safe_load(mlmodel.read_text())["flavors"]["python_function"]
+        inner = root / flavor["artifacts"][MLFLOW_MODEL_ARTIFACT]["path"]
+    except (KeyError, TypeError, yaml.YAMLError):
+        return root
+    return inner if (inner / CONFIG_NAME).is_file() else root
 
 
 def read_model_config(path: str | os.PathLike[str]) -> ModelDirConfig:

@@ -9,6 +9,8 @@ from that checkpoint, so no step is ever logged twice.
 from __future__ import annotations
 
 import os
+import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -73,27 +75,26 @@ def create_run(tracking_uri: str, experiment_id: str, run_name: str, params: dic
 
 
 class MetricBuffer:
-    """Rank-0 metrics, held until the next checkpoint, then logged with their steps."""
+    """Rank-0 metrics, held until the next checkpoint, then logged with their steps and the times they were
+    measured (not the time of the flush)."""
 
     def __init__(self, tracking_uri: str | None, run_id: str | None) -> None:
         self.tracking_uri = tracking_uri
         self.run_id = run_id
-        self.pending: list[tuple[int, dict[str, float]]] = []
+        self.pending: list[tuple[int, int, dict[str, float]]] = []  # (step, timestamp in ms, metrics)
 
-    def add(self, step: int, metrics: dict[str, float]) -> None:
-        self.pending.append((step, {k: float(v) for k, v in metrics.items()}))
+    def add(self, step: int, metrics: dict[str, float], timestamp_ms: int | None = None) -> None:
+        stamp = int(time.time() * 1000) if timestamp_ms is None else int(timestamp_ms)
+        self.pending.append((step, stamp, {k: float(v) for k, v in metrics.items()}))
 
     def flush(self) -> None:
         if not self.pending or self.run_id is None:
             self.pending.clear()
             return
-        import time
-
         from mlflow import MlflowClient
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        items = [Metric(k, v, now, step) for step, metrics in self.pending for k, v in metrics.items()]
+        items = [Metric(k, v, stamp, step) for step, stamp, metrics in self.pending for k, v in metrics.items()]
         client = MlflowClient(self.tracking_uri)
         for i in range(0, len(items), 1000):
             client.log_batch(self.run_id, metrics=items[i:i + 1000])
@@ -136,6 +137,22 @@ def register_model(tracking_uri: str, run_id: str, source_uri: str, name: str, a
     version = client.create_model_version(name, source=source_uri, run_id=run_id)
     client.set_registered_model_alias(name, alias, version.version)
     return str(version.version)
+
+
+def log_dataset(tracking_uri: str, run_id: str, name: str, location: str, digest: str,
+                context: str = "training") -> None:
+    """Record the prepared dataset at ``location`` as the run's input (MLflow's Datasets panel), with the
+    manifest fingerprint as its digest: runs on the same data show the same digest."""
+    from mlflow import MlflowClient
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    with warnings.catch_warnings():  # MLflow registers its local artifact source twice and says so
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        source = resolve_dataset_source(location if "://" in location else str(Path(location).absolute()))
+    dataset = MetaDataset(source=source, name=name, digest=digest)._to_mlflow_entity()
+    MlflowClient(tracking_uri).log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
 
 
 def finish_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:

@@ -57,10 +57,22 @@ def test_main_job_end_to_end(tmp_path):
     assert run.data.params["run.name"] == "e2e" and run.data.params["model.kind"] == "mdlm"
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == [2, 4]
     assert client.get_metric_history(run_id, "val_nelbo")
-    artifacts = {a.path for folder in ("run", "samples", "model") for a in client.list_artifacts(run_id, folder)}
-    assert {"run/config.yaml", "run/manifest.json", "samples/samples.txt", "model/model.safetensors"} <= artifacts
+    artifacts = {a.path for folder in ("run", "samples") for a in client.list_artifacts(run_id, folder)}
+    assert {"run/config.yaml", "run/manifest.json", "samples/samples.txt"} <= artifacts
     version = client.get_model_version_by_alias("mdlm", "current")
     assert version.run_id == run_id
+    # The prepared data is the run's dataset input, its digest the manifest fingerprint.
+    manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    [dataset] = run.inputs.dataset_inputs
+    assert dataset.dataset.digest == manifest["fingerprint"] and dataset.dataset.name == "data"
+    # The registered model is an MLflow pyfunc model (a LoggedModel carrying the run's final metrics).
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    texts = mlflow.pyfunc.load_model("models:/mdlm@current").predict(["ROMEO."], params={"steps": 4, "seed": 0})
+    assert len(texts) == 1 and texts[0].startswith("ROMEO.")
+    logged = mlflow.get_logged_model(version.source.removeprefix("models:/"))
+    assert logged.source_run_id == run_id and "final_val_nelbo" in {m.key for m in logged.metrics}
     import mdlm
 
     model = mdlm.load_pretrained(model_dir)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -134,23 +134,29 @@ def train(config: Config, log=print) -> TrainResult:
     out = TrainResult(run_name=run.name, mlflow_run_id=run_id, tracking_uri=tracking_uri, export_dir=spec.export_dir,
                       checkpoint=result.checkpoint.path if result.checkpoint else None, metrics=metrics)
     if not is_url(spec.export_dir) and Path(spec.export_dir, "config.json").is_file():
-        register_export(config, tracking_uri, run_id, spec.export_dir, log)
+        register_export(config, tracking_uri, run_id, spec.export_dir, log, metrics=metrics)
         out.samples = _samples(config, spec.export_dir)
         _log_text(tracking_uri, run_id, "samples.txt", "\n\n---\n\n".join(out.samples))
     tracking.finish_run(tracking_uri, run_id)
     return out
 
 
-def register_export(config: Config, tracking_uri: str, run_id: str, export_dir: str, log=print) -> str | None:
-    """Log the exported model directory as the run's ``model`` artifact and, unless ``run.registered_model`` is
-    null, register it with ``run.model_alias``; returns the version."""
-    source = tracking.log_artifacts(tracking_uri, run_id, export_dir, "model")
+def register_export(config: Config, tracking_uri: str, run_id: str, export_dir: str, log=print,
+                    metrics: dict[str, float] | None = None) -> str | None:
+    """Log the exported model directory as the run's MLflow pyfunc model ``model`` (a LoggedModel carrying the
+    run's final ``metrics``) and, unless ``run.registered_model`` is null, register it with ``run.model_alias``;
+    returns the version."""
+    from mdlm.mlflow_model import log_pyfunc_model
+
     name = registered_model_name(config)
+    final = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    logged = log_pyfunc_model(tracking_uri, run_id, export_dir, sampling=asdict(config.sampling), metrics=final,
+                              registered_name=name, alias=config.run.model_alias)
     if not name:
+        log(f"logged the MLflow model {logged['model_uri']}")
         return None
-    version = tracking.register_model(tracking_uri, run_id, source, name, config.run.model_alias)
-    log(f"registered models:/{name}@{config.run.model_alias} (version {version})")
-    return version
+    log(f"registered models:/{name}@{config.run.model_alias} (version {logged['version']})")
+    return logged["version"]
 
 
 def fit(spec: WorkerSpec, datasets: dict[str, Any]):
@@ -200,6 +206,7 @@ def _log_run_files(tracking_uri: str, run_id: str, config: Config, manifest) -> 
         Path(tmp, "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         Path(tmp, "manifest.json").write_text(json.dumps(manifest.to_dict(), indent=1, default=str))
         tracking.log_artifacts(tracking_uri, run_id, tmp, "run")
+    tracking.log_dataset(tracking_uri, run_id, Path(str(manifest.root)).name, str(manifest.root), manifest.fingerprint)
 
 
 def _log_text(tracking_uri: str, run_id: str, name: str, text: str) -> None:
