@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         serve.shutdown()
         return 1
     url = f"http://{settings.host}:{settings.port}"
-    print(f"serving {settings.model}\n  page:     {url}/\n  API docs: {url}/docs\n"
+    print(f"serving {settings.model}\n  page:     {url}/\n  API docs: {url}/docs\n  OpenAI:   base_url={url}/v1\n"
           f"  try:      curl -s {url}/v1/generate -H 'Content-Type: application/json' "
           "-d '{\"prompt\": \"To be\", \"length\": 64, \"steps\": 64}'", flush=True)
     if args.detach:

@@ -1,8 +1,13 @@
-"""A tiny model directory with a real tokenizer, for the service tests (random weights, built in a second)."""
+"""For the service tests: a tiny model directory with a real tokenizer (random weights, built in a second), and
+the Serve applications running for real on a local Ray, over HTTP on 127.0.0.1."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,3 +39,35 @@ def make_model_dir(path: Path, kind: str = "mdlm", max_seq_len: int = 32, seed: 
             p.add_(torch.randn(p.shape, generator=generator) * 0.05)
     model.save_pretrained(path)
     return path
+
+
+# Request limits of the served test apps (small, so that the tests can cross each one).
+LIMITS = {"num_cpus": 0.5, "max_num_samples": 8, "max_steps": 500, "max_prompt_chars": 200, "max_texts": 4,
+          "max_mc_samples": 16, "max_body_bytes": 4096, "max_batch_size": 16, "batch_wait_timeout_s": 0.2}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_service(apps: dict[str, tuple[str, dict[str, Any]]]) -> Iterator[str]:
+    """Start a local Ray (2 CPUs) and Serve on 127.0.0.1, run ``build_app(args)`` for each ``name: (route_prefix,
+    args)``, and yield the base URL; shut both down after."""
+    import ray
+    from ray import serve
+
+    from mdlm.serve.app import build_app
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        for name, (route_prefix, args) in apps.items():
+            serve.run(build_app(args), name=name, route_prefix=route_prefix)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()

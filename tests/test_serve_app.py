@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import socket
 import threading
 from pathlib import Path
 
@@ -16,15 +15,9 @@ import torch
 
 from mdlm.eval.metrics import row_seed
 from mdlm.modeling import load_pretrained
-from tests.serve_support import make_model_dir
+from tests.serve_support import LIMITS, make_model_dir, running_service
 
 pytestmark = pytest.mark.ray
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -36,22 +29,9 @@ def model_dirs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def service(model_dirs):
     """Both models served as two applications of one local Serve instance on 127.0.0.1."""
-    import ray
-    from ray import serve
-
-    from mdlm.serve.app import build_app
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    limits = {"num_cpus": 0.5, "max_num_samples": 8, "max_steps": 500, "max_prompt_chars": 200,
-              "max_texts": 4, "max_mc_samples": 16, "max_body_bytes": 4096, "max_batch_size": 16,
-              "batch_wait_timeout_s": 0.2}
-    serve.run(build_app({"model": str(model_dirs["mdlm"]), **limits}), name="mdlm", route_prefix="/")
-    serve.run(build_app({"model": str(model_dirs["ar"]), **limits}), name="ar", route_prefix="/ar")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    with running_service({"mdlm": ("/", {"model": str(model_dirs["mdlm"]), **LIMITS}),
+                          "ar": ("/ar", {"model": str(model_dirs["ar"]), **LIMITS})}) as url:
+        yield url
 
 
 def _post(url: str, body, **kwargs) -> requests.Response:

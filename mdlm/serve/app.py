@@ -4,8 +4,9 @@
     python pipelines/serve.py --model models:/mdlm@current
 
 Endpoints: ``GET /`` (page), ``GET /v1/health``, ``GET /v1/model``, ``POST /v1/generate``,
-``POST /v1/generate/stream`` (NDJSON states while tokens unmask), ``POST /v1/score``. Every bad request
-gets a 4xx with ``{"error": {"field", "message"}}``; nothing a client sends reaches the model unchecked.
+``POST /v1/generate/stream`` (NDJSON states while tokens unmask), ``POST /v1/score``, and OpenAI's
+``GET /v1/models`` and ``POST /v1/completions`` (``openai_api``). Every bad request gets a 4xx naming the
+field (``errors``); nothing a client sends reaches the model unchecked.
 """
 
 
@@ -14,6 +15,7 @@ import json
 import logging
 import os
 import threading
+from collections.abc import AsyncIterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -22,9 +24,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mdlm.serve import openai_api
 from mdlm.serve.engine import Cancelled, Engine, GenerateJob
+from mdlm.serve.errors import error_response, field_name, validation_message
+from mdlm.serve.openai_schemas import Completion, CompletionRequest, ModelList, OpenAIErrorResponse
+from mdlm.serve.responses import ErrorResponse, GenerateResponse, Health, ModelInfo, ScoreResponse, StreamFrame
 from mdlm.serve.schemas import GenerateRequest, RequestError, ScoreRequest
 from mdlm.serve.settings import ServeConfig, serve_config_from_dict
 from mdlm.storage import is_mlflow_uri, is_url
@@ -40,10 +47,6 @@ def set_body_limit(limit: int) -> None:
     _BODY_LIMIT["bytes"] = limit
 
 
-def _error(status: int, field: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"field": field, "message": message}}, status_code=status)
-
-
 class BodyLimit:
     """ASGI middleware: read the whole body first; over the limit -> 413 before any handler runs."""
 
@@ -55,7 +58,7 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         limit = _BODY_LIMIT["bytes"]
-        too_big = _error(413, "body", f"request body exceeds {limit} bytes")
+        too_big = error_response(scope, 413, "body", f"request body exceeds {limit} bytes")
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await too_big(scope, receive, send)
@@ -85,36 +88,70 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-def _field(loc: tuple[Any, ...] | list[Any]) -> str:
-    parts = [p for p in loc if p != "body"]
-    text = ""
-    for part in parts:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text or "body"
+class NDJSONResponse(StreamingResponse):
+    media_type = "application/x-ndjson"
 
 
-api = FastAPI(title="mdlm sampler", description="Masked diffusion language model: generate, stream, score.")
+class EventStreamResponse(StreamingResponse):
+    """Server-sent events (what OpenAI's clients read when ``stream`` is true)."""
+
+    media_type = "text/event-stream"
+
+
+api = FastAPI(title="mdlm sampler", description="Masked diffusion language model: generate, stream, score; "
+              "OpenAI-compatible completions.")
 api.add_middleware(BodyLimit)
+_ERRORS: dict[int | str, dict[str, Any]] = {422: {"model": ErrorResponse, "description": "a bad request value"},
+                                            400: {"model": ErrorResponse, "description": "malformed body"},
+                                            413: {"model": ErrorResponse, "description": "body too large"}}
+_OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": OpenAIErrorResponse, "description": "a bad request value or body"},
+    404: {"model": OpenAIErrorResponse, "description": "no such model"},
+    413: {"model": OpenAIErrorResponse, "description": "body too large"}}
+
+
+def _openapi() -> dict[str, Any]:
+    """FastAPI's schema, with the NDJSON stream's frames under its own media type instead of JSON, and no 422
+    on the OpenAI endpoint (its bad values get OpenAI's 400)."""
+    if api.openapi_schema is None:
+        paths = FastAPI.openapi(api)["paths"]
+        content = paths["/v1/generate/stream"]["post"]["responses"]["200"]["content"]
+        content[NDJSONResponse.media_type] = content.pop("application/json")
+        paths["/v1/completions"]["post"]["responses"].pop("422", None)
+    return api.openapi_schema
+
+
+api.openapi = _openapi  # type: ignore[method-assign]
 
 
 @api.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request", "type": ""}
     if first.get("type") == "json_invalid":
-        return _error(400, "body", f"malformed JSON: {first.get('ctx', {}).get('error', first['msg'])}")
-    field = _field(first.get("loc", ()))
-    message = first.get("msg", "invalid value")
-    if first.get("type") == "extra_forbidden":
-        message = "unknown field"
-    return JSONResponse({"error": {"field": field, "message": message,
-                                   "errors": [{"field": _field(e.get("loc", ())), "message": e.get("msg")}
-                                              for e in errors]}}, status_code=422)
+        return error_response(request.scope, 400, "body",
+                              f"malformed JSON: {first.get('ctx', {}).get('error', first['msg'])}")
+    listed = [{"field": field_name(e.get("loc", ())), "message": validation_message(e)} for e in errors or [first]]
+    return error_response(request.scope, 422, listed[0]["field"], listed[0]["message"], errors=listed)
 
 
 @api.exception_handler(RequestError)
-async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
-    return _error(exc.status, exc.field, exc.message)
+async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
+    return error_response(request.scope, exc.status, exc.field, exc.message, code=exc.code)
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """FastAPI's own 4xx (a body it cannot parse, no such route, wrong method) in the same error shape."""
+    if isinstance(exc.__cause__, UnicodeDecodeError):
+        cause = exc.__cause__
+        message = f"is not valid UTF-8 (byte 0x{cause.object[cause.start]:02x} at offset {cause.start})"
+    else:
+        message = str(exc.detail)
+    field = {404: "path", 405: "method"}.get(exc.status_code, "body")
+    response = error_response(request.scope, exc.status_code, field, message)
+    response.headers.update(exc.headers or {})
+    return response
 
 
 def _page() -> str:
@@ -161,26 +198,29 @@ class MDLMService:
     async def page(self) -> HTMLResponse:
         return HTMLResponse(self._page)
 
-    @api.get("/v1/health")
+    @api.get("/v1/health", response_model=Health)
     async def health(self) -> dict[str, str]:
         return {"status": "ok"}
 
-    @api.get("/v1/model")
+    @api.get("/v1/model", response_model=ModelInfo)
     async def model_info(self) -> dict[str, Any]:
         return self.engine.info()
 
-    @api.post("/v1/generate")
+    @api.post("/v1/generate", response_model=GenerateResponse, response_model_exclude_unset=True,
+              responses=_ERRORS)
     async def generate(self, body: GenerateRequest) -> dict[str, Any]:
         return await self._generate_batch(self.engine.plan_generate(body))
 
-    @api.post("/v1/generate/stream")
+    @api.post("/v1/generate/stream", response_model=StreamFrame, responses={
+        200: {"description": "NDJSON: one StreamFrame per line (states while tokens unmask), the last one done "
+                             "(or error)"}, **_ERRORS})
     async def generate_stream(self, body: GenerateRequest) -> StreamingResponse:
         job = self.engine.plan_generate(body)
         if not self.engine.is_diffusion:
             raise RequestError("sampler", "streaming denoising states needs a masked diffusion model")
-        return StreamingResponse(self._stream_lines(job), media_type="application/x-ndjson")
+        return NDJSONResponse(self._stream_lines(job))
 
-    async def _stream_lines(self, job: GenerateJob):
+    async def _stream_lines(self, job: GenerateJob) -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         stop = threading.Event()
@@ -207,10 +247,43 @@ class MDLMService:
             stop.set()  # client gone or stream finished: the sampler stops at its next step
             await asyncio.shield(worker)
 
-    @api.post("/v1/score")
+    @api.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS)
     async def score(self, body: ScoreRequest) -> dict[str, Any]:
         self.engine.plan_score(body)  # limits first: a bad request never joins a batch
         return await self._score_batch(body)
+
+    # OpenAI-compatible endpoints (openai_api): the same engine, batching and limits as /v1/generate.
+
+    @api.get("/v1/models", response_model=ModelList)
+    async def models(self) -> ModelList:
+        return openai_api.model_list(self.engine)
+
+    @api.post("/v1/completions", response_model=Completion, responses={
+        200: {"description": "a completion; with stream: server-sent events, each `data:` a Completion chunk "
+                             "(one per choice), then `data: [DONE]`",
+              "content": {"text/event-stream": {"schema": {"$ref": "#/components/schemas/Completion"}}}},
+        **_OPENAI_ERRORS})
+    async def completions(self, body: CompletionRequest) -> Completion | EventStreamResponse:
+        plan = openai_api.plan_completion(body, self.engine)
+        if body.stream:
+            return EventStreamResponse(self._completion_events(plan), headers={"Cache-Control": "no-cache"})
+        results = await asyncio.gather(*(self._generate_batch(job) for job in plan.jobs))
+        return openai_api.completion(plan, results, self.engine)
+
+    async def _completion_events(self, plan: openai_api.CompletionPlan) -> AsyncIterator[str]:
+        """The finished text of each choice as one event, in order (diffusion writes a text all at once)."""
+        tasks = [asyncio.ensure_future(self._generate_batch(job)) for job in plan.jobs]
+        try:
+            for i, task in enumerate(tasks):
+                for choice in openai_api.choices(plan, i, await task, self.engine):
+                    yield openai_api.sse_event(openai_api.chunk(plan, choice))
+            yield openai_api.SSE_DONE
+        except Exception as exc:  # the stream has started: report in-band, keep the replica alive
+            logger.exception("mdlm: completion stream failed")
+            yield openai_api.sse_event(openai_api.stream_error(str(exc)))
+        finally:
+            for task in tasks:
+                task.cancel()
 
 
 def _absolute_model(model: str) -> str:

@@ -80,6 +80,8 @@ class Engine:
         self.config = model.config
         self.block = self.config.max_seq_len
         self.max_length = settings.max_length or (4 * self.block if self.is_diffusion else self.block)
+        self.model_id = settings.served_model_name or self.model.model_type
+        self.created = int(time.time())
         self._pieces: dict[int, str] = {}
         if self.is_diffusion and settings.default_sampler not in model.samplers:
             raise ValueError(f"default_sampler: {settings.default_sampler!r} does not apply to a {model.model_type} "
@@ -98,6 +100,7 @@ class Engine:
         """What /v1/model reports: the model, its tokenizer's special tokens and the request limits."""
         s = self.settings
         return {
+            "id": self.model_id,
             "source": self.source,
             "model_type": self.model.model_type,
             "parameters": sum(p.numel() for p in self.model.parameters()),
@@ -126,9 +129,7 @@ class Engine:
         if req.steps is not None and req.steps > s.max_steps:
             raise RequestError("steps", f"{req.steps} exceeds the limit {s.max_steps}")
         for name in ("prompt", "infill"):
-            text = getattr(req, name)
-            if text is not None and len(text) > s.max_prompt_chars:
-                raise RequestError(name, f"{len(text)} characters exceed the limit {s.max_prompt_chars}")
+            self.check_prompt_chars(name, getattr(req, name))
         if req.prompt is not None and req.infill is not None:
             raise RequestError("infill", "give either prompt or infill, not both")
         sampler = req.sampler or s.default_sampler
@@ -173,11 +174,29 @@ class Engine:
         return GenerateJob(req.num_samples, sampler, steps, req.top_p, req.seed, length, template=template,
                            return_tokens=req.return_tokens)
 
+    def check_prompt_chars(self, field: str, text: str | None) -> None:
+        """A prompt or infill text within ``max_prompt_chars`` (checked before anything encodes it)."""
+        limit = self.settings.max_prompt_chars
+        if text is not None and len(text) > limit:
+            raise RequestError(field, f"{len(text)} characters exceed the limit {limit}")
+
     def _prefix(self, prompt: str | None) -> list[int]:
         if prompt:
             return self.model.encode_prompt(prompt)
         bos = self.config.bos_token_id
         return [bos] if bos is not None else []
+
+    def prefix_length(self, prompt: str | None) -> int:
+        """Token positions a prompt takes at the start of its samples (with the BOS the model prepends)."""
+        return len(self._prefix(prompt))
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` under the model's tokenizer (no special tokens added)."""
+        return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def decode_ids(self, ids: list[int]) -> str:
+        """The text of token ids, special tokens left out (as in every generated sample)."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _plan_ar(self, req: GenerateRequest) -> GenerateJob:
         if req.infill is not None:

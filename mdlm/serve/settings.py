@@ -24,6 +24,7 @@ class ServeConfig:
     host: str = "127.0.0.1"  # used by pipelines/serve.py; a Serve config sets http_options itself
     port: int = 8000
     tracking_uri: str | None = None  # for models:/ and runs:/ URIs; default MLFLOW_TRACKING_URI or runs/mlflow.db
+    served_model_name: str | None = None  # the id OpenAI clients name (GET /v1/models); default the model kind
     # Replicas and dynamic batching.
     num_replicas: int = 1
     autoscaling: bool = False  # when true, replicas scale between min_replicas and max_replicas
@@ -55,6 +56,8 @@ class ServeConfig:
                   "max_body_bytes", "max_stream_frames", "num_cpus", "target_ongoing_requests")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port: {self.port} is not a TCP port")
+        if self.served_model_name is not None and not self.served_model_name.strip():
+            raise ConfigError("served_model_name: must not be blank (leave it unset for the model kind)")
         for name in ("max_length", "torch_threads"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -88,7 +91,7 @@ class ServeConfig:
         return asdict(self)
 
 
-_TEXT_FIELDS = ("model", "host", "tracking_uri", "device", "default_sampler")
+_TEXT_FIELDS = ("model", "host", "tracking_uri", "device", "default_sampler", "served_model_name")
 
 
 def serve_config_from_dict(args: dict[str, Any] | None) -> ServeConfig:
