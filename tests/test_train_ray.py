@@ -77,7 +77,7 @@ def test_two_worker_fsdp2_run_learns_and_is_tracked(ray_local, tmp_path):
 
     mlflow.set_tracking_uri(uri)
     local = mlflow.artifacts.download_artifacts("models:/mdlm-learn@current")
-    assert sorted(p.name for p in Path(local).iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in Path(local).iterdir()) == ["README.md", "config.json", "model.safetensors"]
     import mdlm
 
     model = mdlm.load_pretrained(local)
