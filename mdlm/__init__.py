@@ -12,7 +12,7 @@ _LAZY = {
     "Config": "mdlm.config", "ConfigError": "mdlm.config", "ModelConfig": "mdlm.config",
     "NoiseConfig": "mdlm.config", "load_config": "mdlm.config", "model_config_for": "mdlm.config",
     "MDLM": "mdlm.modeling", "ARModel": "mdlm.modeling", "build_model": "mdlm.modeling",
-    "load_pretrained": "mdlm.modeling",
+    "load_pretrained": "mdlm.modeling", "ModelCardInfo": "mdlm.model_card",
 }
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "ARModel",
     "Config",
     "ConfigError",
+    "ModelCardInfo",
     "ModelConfig",
     "NoiseConfig",
     "build_model",
@@ -30,6 +31,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from mdlm.config import Config, ConfigError, ModelConfig, NoiseConfig, load_config, model_config_for
+    from mdlm.model_card import ModelCardInfo
     from mdlm.modeling import MDLM, ARModel, build_model, load_pretrained
 
 

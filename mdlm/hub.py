@@ -1,10 +1,12 @@
 """``save_pretrained`` / ``from_pretrained`` in the layout users expect from Hugging Face.
 
 A model directory holds ``config.json`` (model type, model and noise config), ``model.safetensors`` (the
-weights; loading never unpickles anything) and, when the model carries one, ``tokenizer.json``.
-Saving writes into a temporary sibling directory and swaps it into place (:func:`mdlm.storage.atomic_dir`), so a
-crash never leaves a half-written model. :func:`read_model_config` reads and validates ``config.json`` alone
-(no weights), for checks before loading.
+weights; loading never unpickles anything), a model card ``README.md`` and, when the model carries one,
+``tokenizer.json`` with ``tokenizer_config.json`` and ``special_tokens_map.json`` (so that
+``transformers.AutoTokenizer.from_pretrained(directory)`` loads it). Saving writes into a temporary sibling
+directory and swaps it into place (:func:`mdlm.storage.atomic_dir`), so a crash never leaves a half-written model.
+A directory is found by local path, MLflow URI, fsspec URL or Hugging Face Hub repo id (:func:`resolve_model_dir`).
+:func:`read_model_config` reads and validates ``config.json`` alone (no weights), for checks before loading.
 """
 
 from __future__ import annotations
@@ -22,10 +24,14 @@ from tokenizers import Tokenizer
 
 from mdlm.config import MODEL_KINDS, ConfigError, ModelConfig, NoiseConfig, dataclass_from_dict
 from mdlm.data.tokenizer import TOKENIZER_FILE as TOKENIZER_NAME
+from mdlm.data.tokenizer import TOKENIZER_FILES, model_role_ids, save_tokenizer
+from mdlm.hf_hub import download_repo, is_repo_id
+from mdlm.model_card import CARD_NAME, ModelCardInfo, render_model_card
 from mdlm.storage import atomic_dir, is_mlflow_uri, is_url
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+MODEL_FILES = (CONFIG_NAME, WEIGHTS_NAME, *TOKENIZER_FILES, CARD_NAME)  # everything a model directory may hold
 FORMAT_VERSION = 1
 MLFLOW_MODEL_ARTIFACT = "model"  # the model directory inside an MLflow pyfunc model: artifacts/model/
 
@@ -42,8 +48,16 @@ class ModelDirConfig:
 
 def write_model_dir(path: str | os.PathLike[str], *, model_type: str, model_config: ModelConfig,
                     noise_config: NoiseConfig | None, state_dict: dict[str, torch.Tensor],
-                    tokenizer: Tokenizer | None = None, extra: dict[str, Any] | None = None) -> Path:
-    """Write a model directory atomically (temp dir, then swapped in over any previous one)."""
+                    tokenizer: Tokenizer | None = None, extra: dict[str, Any] | None = None,
+                    card: ModelCardInfo | None = None) -> Path:
+    """Write a model directory atomically (temp dir, then swapped in over any previous one): config, weights,
+    the tokenizer files (if any) with the model's special token ids, and the model card (``card`` adds what the
+    model does not know: data, training figures, repo id). A tokenizer whose vocabulary is not the model's is a
+    ``ValueError`` naming ``model.vocab_size``."""
+    if tokenizer is not None and tokenizer.get_vocab_size(with_added_tokens=True) != model_config.vocab_size:
+        raise ValueError(f"model.vocab_size={model_config.vocab_size} but the tokenizer has "
+                         f"{tokenizer.get_vocab_size(with_added_tokens=True)} tokens: save a model with the "
+                         "tokenizer it was trained with")
     config = {
         "model_type": model_type,
         "format_version": FORMAT_VERSION,
@@ -55,16 +69,23 @@ def write_model_dir(path: str | os.PathLike[str], *, model_type: str, model_conf
     with atomic_dir(path) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "model_type": model_type})
+        roles = None
         if tokenizer is not None:
-            tokenizer.save(str(tmp / TOKENIZER_NAME))
+            roles = save_tokenizer(tokenizer, tmp, model_role_ids(model_config),
+                                   model_max_length=model_config.max_seq_len)
+        (tmp / CARD_NAME).write_text(render_model_card(
+            model_type=model_type, model_config=model_config, noise_config=noise_config,
+            num_parameters=sum(t.numel() for t in tensors.values()), special_tokens=roles, info=card))
     return Path(path).absolute()
 
 
-def resolve_model_dir(uri: str | os.PathLike[str]) -> Path:
+def resolve_model_dir(uri: str | os.PathLike[str], revision: str | None = None) -> Path:
     """A local directory for ``uri``: a local path as is; an MLflow URI (``models:/NAME@ALIAS``,
     ``models:/NAME/VERSION``, ``runs:/ID/model``) downloaded by MLflow (tracking URI from
-    ``MLFLOW_TRACKING_URI``); any other fsspec URL (``s3://``, ``gs://``, ``file://``...) copied to a temp dir.
-    An MLflow pyfunc model of this project resolves to the model directory it holds."""
+    ``MLFLOW_TRACKING_URI``); any other fsspec URL (``s3://``, ``gs://``, ``file://``...) copied to a temp dir;
+    ``owner/name`` that is not a local directory: that Hugging Face Hub repo (at ``revision``) through the Hub cache
+    (:func:`mdlm.hf_hub.download_repo`). An MLflow pyfunc model of this project resolves to the model directory
+    it holds."""
     text = str(uri)
     if is_mlflow_uri(text):
         import mlflow
@@ -80,11 +101,13 @@ def resolve_model_dir(uri: str | os.PathLike[str]) -> Path:
         if fs.exists(f"{remote.rstrip('/')}/MLmodel"):  # an MLflow pyfunc model: its files, then the inner folder
             fs.get(remote.rstrip("/") + "/", str(local), recursive=True)
             return _inside_mlflow_model(local)
-        for name in (CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_NAME):
+        for name in MODEL_FILES:
             source = f"{remote.rstrip('/')}/{name}"
             if fs.exists(source):
                 fs.get(source, str(local / name))
         return local
+    if is_repo_id(text) and not Path(text).exists():
+        return download_repo(text, MODEL_FILES, revision=revision)
     return _inside_mlflow_model(Path(text))
 
 
@@ -136,10 +159,11 @@ def read_model_config(path: str | os.PathLike[str]) -> ModelDirConfig:
     return ModelDirConfig(model_type=model_type, model_config=model_config, noise_config=noise_config, raw=raw)
 
 
-def read_model_dir(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read and validate a model directory (local path or URI, see ``resolve_model_dir``): config sections
-    (:func:`read_model_config`), weights (safetensors) and tokenizer."""
-    root = resolve_model_dir(path)
+def read_model_dir(path: str | os.PathLike[str], map_location: str | torch.device = "cpu",
+                   revision: str | None = None) -> dict[str, Any]:
+    """Read and validate a model directory (local path, URI or Hub repo id, see ``resolve_model_dir``): config
+    sections (:func:`read_model_config`), weights (safetensors) and tokenizer."""
+    root = resolve_model_dir(path, revision=revision)
     config = read_model_config(root)
     weights_path = root / WEIGHTS_NAME
     if not weights_path.is_file():

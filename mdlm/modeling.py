@@ -1,14 +1,18 @@
 """The user-facing models: ``MDLM`` (masked diffusion) and ``ARModel`` (the autoregressive baseline).
 
 Both wrap the same DiT backbone and add their objective, sampling, text generation and the
-``save_pretrained`` / ``from_pretrained`` directory format.
+``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` directory format (local paths, URLs, MLflow URIs and
+Hugging Face Hub repo ids).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
+import tempfile
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,7 +33,9 @@ from mdlm.diffusion.objective import (
 )
 from mdlm.diffusion.schedules import get_schedule
 from mdlm.diffusion.sedd import analytic_unmask_prob, euler_unmask_prob, log_ratios, score_entropy
+from mdlm.hf_hub import check_repo_id, upload_dir
 from mdlm.hub import read_model_dir, write_model_dir
+from mdlm.model_card import ModelCardInfo
 from mdlm.models.dit import DiT
 from mdlm.sampling.categorical import resolve_dtype, sample_categorical, top_p_filter
 from mdlm.sampling.samplers import SampleOutput, UnmaskRule, run_sampler, semi_autoregressive_sample
@@ -44,15 +50,33 @@ class _PretrainedModel(nn.Module):
     noise_config: NoiseConfig | None
     tokenizer: Tokenizer | None
 
-    def save_pretrained(self, path: str | os.PathLike[str], state_dict: dict[str, Tensor] | None = None) -> None:
-        """Write ``config.json``, ``model.safetensors`` and ``tokenizer.json`` (if any) to ``path``."""
+    def save_pretrained(self, path: str | os.PathLike[str], state_dict: dict[str, Tensor] | None = None, *,
+                        card: ModelCardInfo | None = None) -> None:
+        """Write ``config.json``, ``model.safetensors``, the model card ``README.md`` (``card``: data, training
+        figures) and the tokenizer files (if any) to ``path``, atomically."""
         write_model_dir(path, model_type=self.model_type, model_config=self.config, noise_config=self.noise_config,
                         state_dict=state_dict if state_dict is not None else self.state_dict(),
-                        tokenizer=self.tokenizer)
+                        tokenizer=self.tokenizer, card=card)
+
+    def push_to_hub(self, repo_id: str, *, card: ModelCardInfo | None = None, private: bool | None = None,
+                    revision: str | None = None, token: str | None = None, commit_message: str | None = None,
+                    state_dict: dict[str, Tensor] | None = None) -> str:
+        """Save to a temporary directory (as :meth:`save_pretrained`, the card naming ``repo_id``) and upload it as
+        the Hugging Face Hub model repo ``repo_id`` (created if needed; its files become exactly these). Returns
+        the commit URL. ``from_pretrained(repo_id)`` loads it back."""
+        card = dataclasses.replace(card or ModelCardInfo(), repo_id=check_repo_id(repo_id))
+        with tempfile.TemporaryDirectory(prefix="mdlm-push-") as tmp:
+            folder = Path(tmp) / "model"
+            self.save_pretrained(folder, state_dict=state_dict, card=card)
+            return upload_dir(folder, repo_id, revision=revision, private=private, token=token,
+                              commit_message=commit_message)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike[str], map_location: str | torch.device = "cpu"):
-        parts = read_model_dir(path, map_location)
+    def from_pretrained(cls, path: str | os.PathLike[str], map_location: str | torch.device = "cpu", *,
+                        revision: str | None = None):
+        """Load a model directory: a local path, an fsspec URL, an MLflow URI or a Hugging Face Hub repo id
+        (``owner/name``, at ``revision``)."""
+        parts = read_model_dir(path, map_location, revision=revision)
         if parts["model_type"] != cls.model_type:
             raise ValueError(f"{path} holds a '{parts['model_type']}' model, not '{cls.model_type}'; "
                              "use mdlm.load_pretrained to load either")
@@ -392,7 +416,9 @@ def build_model(config: ModelConfig, noise: NoiseConfig | None = None,
     return MODEL_CLASSES[config.kind](config, noise=noise, tokenizer=tokenizer)
 
 
-def load_pretrained(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> MDLM | ARModel:
-    """Load whichever model (MDLM or AR) a ``save_pretrained`` directory holds."""
-    parts = read_model_dir(path, map_location)
+def load_pretrained(path: str | os.PathLike[str], map_location: str | torch.device = "cpu", *,
+                    revision: str | None = None) -> MDLM | ARModel:
+    """Load whichever model (MDLM or AR) a ``save_pretrained`` directory holds: a local path, an fsspec URL, an
+    MLflow URI or a Hugging Face Hub repo id (``owner/name``, at ``revision``)."""
+    parts = read_model_dir(path, map_location, revision=revision)
     return MODEL_CLASSES[parts["model_type"]]._from_parts(parts)

@@ -11,6 +11,7 @@ import torch
 from mdlm.config import Config
 from mdlm.data.local import prepare_in_memory
 from mdlm.data.spec import resolve_model_config
+from mdlm.model_card import ModelCardInfo
 from mdlm.modeling import build_model, load_pretrained
 from mdlm.train.ema import EMA
 from mdlm.train.local import evaluate, train_local
@@ -39,7 +40,10 @@ def run_quickstart(config: Config, output_dir: str | Path, prompts: tuple[str, .
     log(f"{split} {'NELBO' if bound else 'NLL'} {metrics['nll']:.4f} nats/token, perplexity{' bound' if bound else ''} "
         f"{metrics['ppl']:.2f}")
     output_dir = Path(output_dir)
-    model.save_pretrained(output_dir)
+    figures = {f"{split} {'NELBO' if bound else 'NLL'} (nats/token)": metrics["nll"],
+               f"{split} perplexity{' bound' if bound else ''}": metrics["ppl"]}
+    card = ModelCardInfo.from_training(config, steps=state.step, metrics=figures)
+    model.save_pretrained(output_dir, card=card)
     reloaded = load_pretrained(output_dir)
     s = config.sampling
     samples = []

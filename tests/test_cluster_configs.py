@@ -194,8 +194,8 @@ def test_no_cluster_file_switches_authentication_off():
         assert "mode: disabled" not in path.read_text(), path
 
 def _torch_pin() -> str:
-    pin = re.search(r'"torch==([^"]+)"', (ROOT / "pyproject.toml").read_text())
-    assert pin, "pyproject.toml pins torch"
+    pin = re.search(r"^torch==(\S+)$", (ROOT / "constraints.txt").read_text(), flags=re.MULTILINE)
+    assert pin, "constraints.txt pins torch"
     return pin.group(1)
 
 

@@ -518,6 +518,13 @@ def test_default_corpus_with_trained_bpe(ray_local, tmp_path):
     for split in SPLITS:
         assert _read_split(manifest, split)["input_ids"] == reference[split]["rows"], split
     assert manifest.source["kind"] == "shakespeare" and manifest.source["files"] == 3
+    # Beside tokenizer.json, what transformers reads: AutoTokenizer loads the same tokenizer from the folder.
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(manifest.root))
+    assert (hf.mask_token_id, hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (
+        manifest.mask_token_id, manifest.bos_token_id, manifest.eos_token_id, manifest.pad_token_id)
+    assert hf.model_max_length == 32 and hf.encode(train[0][:500]) == bpe.encode(train[0][:500]).ids
 
 
 @pytest.mark.ray

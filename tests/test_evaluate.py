@@ -150,7 +150,8 @@ def test_cli_bad_input_exits_2_naming_the_field(world, registry, tmp_path, capsy
     assert "--sampler" in _bad(capsys, tmp_path, *model, *data, "--gen-samples", "2", "--evaluator",
                                str(root / "ar"), "--sampler", "greedy")
     # A model trained with another tokenizer of the same size, and one of another size.
-    other = train_bpe(["An entirely different corpus of words. " * 50], 300)
+    other = train_bpe([" ".join(f"An entirely different corpus of words, number {i}." for i in range(400))], 300)
+    assert other.get_vocab_size() == 300  # the same size (save_pretrained refuses a tokenizer of another one)
     config = load_pretrained(root / "mdlm").config
     MDLM(config, tokenizer=other).save_pretrained(tmp_path / "other-tok")
     err = _bad(capsys, tmp_path, "--model", str(tmp_path / "other-tok"), *data)

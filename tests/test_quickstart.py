@@ -29,7 +29,10 @@ def test_quickstart_trains_exports_and_samples(tmp_path):
     assert losses[-1] < losses[0]
     assert text.count("--- sample") == 2
     saved = sorted(p.name for p in (tmp_path / "model").iterdir())
-    assert saved == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert saved == ["README.md", "config.json", "model.safetensors", "special_tokens_map.json", "tokenizer.json",
+                     "tokenizer_config.json"]
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert "| optimizer steps | 30 |" in card and "| validation NELBO (nats/token) |" in card
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert config["model_type"] == "mdlm" and config["model"]["vocab_size"] == 1024
     model = mdlm.load_pretrained(tmp_path / "model")

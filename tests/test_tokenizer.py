@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from mdlm.data.sources import shakespeare_documents
 from mdlm.data.tokenizer import (
     EOS_TOKEN,
+    HF_SPECIAL_TOKENS_FILE,
     MASK_TOKEN,
     PAD_TOKEN,
+    TOKENIZER_FILES,
     ensure_mask_token,
+    hf_special_tokens,
     load_tokenizer,
+    save_tokenizer,
     special_tokens,
+    tokenizer_from_spec,
     train_bpe,
 )
 
@@ -134,3 +141,49 @@ def test_load_tokenizer_round_trip_and_disables_padding(tmp_path, bpe):
         text = "Is this a dagger which I see before me?"
         assert loaded.encode(text).ids == bpe.encode(text).ids
         assert special_tokens(loaded) == special_tokens(bpe)
+
+
+HF_TEXTS = ["Is this a dagger which I see before me?", "  leading spaces\n\n\ttabs and  double  spaces  ",
+            "naïve café — “quotes” 日本語 🙂", "x", "", "O Romeo, [MASK] art thou Romeo?"]
+
+
+@pytest.mark.parametrize("spec", ["bpe", "gpt2", "bert-base-uncased"])
+def test_saved_tokenizer_loads_in_transformers_with_the_same_ids_and_text(tmp_path, bpe, spec):
+    from transformers import AutoTokenizer
+
+    tokenizer = bpe if spec == "bpe" else tokenizer_from_spec(spec)
+    special = special_tokens(tokenizer)
+    roles = save_tokenizer(tokenizer, tmp_path, special.role_ids(), model_max_length=128)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(TOKENIZER_FILES)
+    assert json.loads((tmp_path / HF_SPECIAL_TOKENS_FILE).read_text()) == roles
+    hf = AutoTokenizer.from_pretrained(str(tmp_path))  # a prepared dataset's folder: no config.json beside it
+    assert hf.is_fast and hf.model_max_length == 128 and len(hf) == special.vocab_size
+    assert (hf.mask_token_id, hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (
+        special.mask_id, special.bos_id, special.eos_id, special.pad_id)
+    assert hf.mask_token == MASK_TOKEN
+    for text in HF_TEXTS:
+        for with_specials in (True, False):
+            ids = tokenizer.encode(text, add_special_tokens=with_specials).ids
+            assert hf.encode(text, add_special_tokens=with_specials) == ids, (text, with_specials)
+        ids = tokenizer.encode(text).ids
+        assert hf.decode(ids) == tokenizer.decode(ids, skip_special_tokens=False), repr(text)
+        assert hf.decode(ids, skip_special_tokens=True) == tokenizer.decode(ids), repr(text)
+    assert MASK_TOKEN in hf.convert_ids_to_tokens(hf.encode(HF_TEXTS[-1]))
+
+
+def test_known_ids_per_tokenizer():
+    # The closed forms: GPT-2's <|endoftext|> is 50256 and [MASK] is appended as 50257; bert-base-uncased
+    # keeps its own [MASK] (103), [CLS] (101), [SEP] (102), [PAD] (0); its [UNK] (100) is declared too.
+    gpt2 = special_tokens(tokenizer_from_spec("gpt2"))
+    assert (gpt2.mask_id, gpt2.bos_id, gpt2.eos_id, gpt2.pad_id) == (50257, 50256, 50256, 50256)
+    bert_tokenizer = tokenizer_from_spec("bert-base-uncased")
+    bert = special_tokens(bert_tokenizer)
+    assert (bert.mask_id, bert.bos_id, bert.eos_id, bert.pad_id) == (103, 101, 102, 0)
+    assert hf_special_tokens(bert_tokenizer, bert.role_ids()) == {
+        "mask_token": "[MASK]", "bos_token": "[CLS]", "eos_token": "[SEP]", "pad_token": "[PAD]", "unk_token": "[UNK]"}
+
+
+def test_hf_special_tokens_reject_an_id_outside_the_vocabulary(bpe):
+    assert hf_special_tokens(bpe, {"mask_token": 511, "bos_token": None}) == {"mask_token": MASK_TOKEN}
+    with pytest.raises(ValueError, match=r"pad_token id 512 is not a token of the tokenizer \(512 tokens\)"):
+        hf_special_tokens(bpe, {"pad_token": 512})

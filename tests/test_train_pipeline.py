@@ -45,7 +45,11 @@ def test_main_job_end_to_end(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert (tmp_path / "data" / "manifest.json").is_file(), "the default corpus was not prepared on first use"
     model_dir = tmp_path / "runs" / "ray" / "e2e" / "model"
-    assert sorted(p.name for p in model_dir.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in model_dir.iterdir()) == ["README.md", "config.json", "model.safetensors",
+                                                           "special_tokens_map.json", "tokenizer.json",
+                                                           "tokenizer_config.json"]
+    card = (model_dir / "README.md").read_text()
+    assert "| optimizer steps | 4 |" in card and "| workers | 2 |" in card and "| val_nelbo |" in card
     assert "--- sample 0 ---" in out.stdout and "mlflow ui --backend-store-uri sqlite:///" in out.stdout
     run_id = out.stdout.split("MLflow run:")[1].split()[0]
 

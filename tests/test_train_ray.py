@@ -80,7 +80,8 @@ def test_two_worker_fsdp2_run_learns_and_is_tracked(ray_local, tmp_path):
     assert (Path(local) / "MLmodel").is_file()  # an MLflow pyfunc model holding the export folder
     from mdlm.hub import resolve_model_dir
 
-    assert sorted(p.name for p in resolve_model_dir(local).iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in resolve_model_dir(local).iterdir()) == ["README.md", "config.json",
+                                                                          "model.safetensors"]
     import mdlm
 
     model = mdlm.load_pretrained(local)

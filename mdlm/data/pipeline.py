@@ -55,6 +55,7 @@ from mdlm.data.tokenizer import (
     TOKENIZER_FILE,
     SpecialTokens,
     load_tokenizer_for,
+    save_tokenizer,
     special_tokens_for,
     tokenizer_from_spec,
     tokenizer_identity,
@@ -225,8 +226,9 @@ def _check_output_dir(out: Path) -> None:
 
 def prepare_dataset(config: DataConfig, *, force: bool | None = None, progress: bool = True,
                     log: Callable[[str], None] | None = None) -> Manifest:
-    """Prepare ``config.source`` into ``config.output_dir`` (train/validation/test parquet, tokenizer.json,
-    manifest.json) and return its :class:`Manifest`; reuse an identical earlier output unless ``force``.
+    """Prepare ``config.source`` into ``config.output_dir`` (train/validation/test parquet, tokenizer.json and
+    the Hugging Face tokenizer files beside it, manifest.json) and return its :class:`Manifest`; reuse an
+    identical earlier output unless ``force``.
 
     Bad input raises :class:`DataError` (bad settings: ``ConfigError``; both ``ValueError``) and leaves
     nothing behind."""
@@ -265,7 +267,7 @@ def prepare_dataset(config: DataConfig, *, force: bool | None = None, progress: 
                 log(f"training a byte-level BPE of {config.tokenizer_vocab_size} tokens on the training split")
                 tokenizer = _train_tokenizer(source, config)
                 special = special_tokens_for(tokenizer, config.tokenizer)
-            tokenizer.save(str(tmp / TOKENIZER_FILE))
+            save_tokenizer(tokenizer, tmp, special.role_ids(), model_max_length=config.block_size)
             cpus = float(ray.cluster_resources().get("CPU", 1.0))
             # Auto: one actor per CPU, but no more than there are document blocks (small corpora start faster).
             workers = config.num_workers or max(1, min(int(cpus), -(-source.num_bytes // BLOCK_BYTES)))

@@ -3,6 +3,7 @@
 MDLM reuses a tokenizer's own [MASK] (bert-base-uncased: id 103) and otherwise appends one at the end
 of the vocabulary (GPT-2: 50,257 -> 50,258 tokens). :func:`load_tokenizer_for` loads the tokenizer a
 ``DataConfig`` names, with errors as :class:`~mdlm.data.sources.DataError` (the Ray and in-process paths share it).
+:func:`save_tokenizer` writes ``tokenizer.json`` with the two files Hugging Face ``transformers`` reads beside it.
 """
 
 from __future__ import annotations
@@ -10,16 +11,21 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
-from collections.abc import Iterable
+import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from mdlm.config import DataConfig
+from mdlm.config import DataConfig, ModelConfig
 from mdlm.data.sources import DataError
 
 TOKENIZER_FILE = "tokenizer.json"  # the tokenizer's file name in a prepared dataset or an exported model
+# Beside it, what transformers.AutoTokenizer reads: the tokenizer class and the special tokens' roles.
+HF_TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+HF_SPECIAL_TOKENS_FILE = "special_tokens_map.json"
+TOKENIZER_FILES = (TOKENIZER_FILE, HF_TOKENIZER_CONFIG_FILE, HF_SPECIAL_TOKENS_FILE)
 MASK_TOKEN = "[MASK]"
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "[PAD]"
@@ -41,6 +47,11 @@ class SpecialTokens:
     bos_id: int
     eos_id: int
     pad_id: int
+
+    def role_ids(self) -> dict[str, int]:
+        """The ids by Hugging Face role name (``mask_token``, ``bos_token``, ``eos_token``, ``pad_token``)."""
+        return {"mask_token": self.mask_id, "bos_token": self.bos_id, "eos_token": self.eos_id,
+                "pad_token": self.pad_id}
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
@@ -143,6 +154,51 @@ def special_tokens(tokenizer: Tokenizer) -> SpecialTokens:
     pad = first(PAD_TOKEN, "<pad>")
     return SpecialTokens(vocab_size=tokenizer.get_vocab_size(with_added_tokens=True), mask_id=mask_id,
                          bos_id=bos, eos_id=eos, pad_id=pad if pad is not None else eos)
+
+
+def model_role_ids(config: ModelConfig) -> dict[str, int | None]:
+    """A model's special token ids by Hugging Face role (what its ``special_tokens_map.json`` names)."""
+    return {"mask_token": config.mask_token_id, "bos_token": config.bos_token_id, "eos_token": config.eos_token_id,
+            "pad_token": config.pad_token_id}
+
+
+def hf_special_tokens(tokenizer: Tokenizer, role_ids: Mapping[str, int | None]) -> dict[str, str]:
+    """The special tokens by Hugging Face role (``mask_token``: ``[MASK]``, ...) for the roles whose id is set,
+    plus the model's ``unk_token`` if it has one; a ``ValueError`` naming the role if an id is not a token."""
+    roles: dict[str, str] = {}
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    for role, token_id in role_ids.items():
+        if token_id is None:
+            continue
+        token = tokenizer.id_to_token(token_id)
+        if token is None:
+            raise ValueError(f"{role} id {token_id} is not a token of the tokenizer ({size} tokens)")
+        roles[role] = token
+    unk = getattr(tokenizer.model, "unk_token", None)
+    if unk and tokenizer.token_to_id(unk) is not None:
+        roles.setdefault("unk_token", unk)
+    return roles
+
+
+def save_tokenizer(tokenizer: Tokenizer, directory: str | Path, role_ids: Mapping[str, int | None],
+                   model_max_length: int | None = None) -> dict[str, str]:
+    """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` into ``directory``, so
+    that ``transformers.AutoTokenizer.from_pretrained(directory)`` loads the same fast tokenizer (same ids, same
+    text back) with the special tokens of ``role_ids`` (see :meth:`SpecialTokens.role_ids`). The caller makes it
+    atomic (it writes into a temporary directory). Returns the special tokens by role (:func:`hf_special_tokens`)."""
+    directory = Path(directory)
+    roles = hf_special_tokens(tokenizer, role_ids)
+    tokenizer.save(str(directory / TOKENIZER_FILE))
+    config: dict[str, object] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",  # the tokenizer.json as it is, no model-specific class
+        "clean_up_tokenization_spaces": False,  # decode gives back the text exactly, as tokenizers does
+        **roles,
+    }
+    if model_max_length is not None:
+        config["model_max_length"] = model_max_length
+    (directory / HF_TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    (directory / HF_SPECIAL_TOKENS_FILE).write_text(json.dumps(roles, indent=2, ensure_ascii=False) + "\n")
+    return roles
 
 
 def load_tokenizer_for(config: DataConfig) -> tuple[Tokenizer, SpecialTokens]:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from mdlm.data.spec import DataSpec
 from mdlm.hub import write_model_dir
+from mdlm.model_card import ModelCardInfo
 from mdlm.modeling import MDLM, ARModel
 from mdlm.storage import is_url
 from mdlm.train.checkpoint import full_state_dict
@@ -14,10 +15,11 @@ from mdlm.train.collectives import rank_and_world
 from mdlm.train.ema import EMA
 
 
-def export_model(model: MDLM | ARModel, ema: EMA | None, export_dir: str, data: DataSpec) -> None:
+def export_model(model: MDLM | ARModel, ema: EMA | None, export_dir: str, data: DataSpec,
+                 card: ModelCardInfo | None = None) -> None:
     """Collective: gather the full weights (the EMA's when given); rank 0 writes ``config.json``,
-    ``model.safetensors`` and the data's ``tokenizer.json`` to ``export_dir`` (atomically; a URL through a local
-    temporary directory)."""
+    ``model.safetensors``, the data's tokenizer files and the model card (``card``: data and training figures) to
+    ``export_dir`` (atomically; a URL through a local temporary directory)."""
     state = full_state_dict(model, ema)
     if rank_and_world()[0] != 0:
         return
@@ -29,7 +31,7 @@ def export_model(model: MDLM | ARModel, ema: EMA | None, export_dir: str, data: 
 
     def write(path: str | Path) -> Path:
         return write_model_dir(path, model_type=model.model_type, model_config=model.config,
-                               noise_config=model.noise_config, state_dict=state, tokenizer=tokenizer)
+                               noise_config=model.noise_config, state_dict=state, tokenizer=tokenizer, card=card)
 
     if is_url(export_dir):
         import pyarrow.fs as pafs

@@ -17,6 +17,7 @@ import torch
 
 from mdlm.data.spec import resolve_model_config
 from mdlm.eval.metrics import safe_exp
+from mdlm.model_card import ModelCardInfo
 from mdlm.modeling import build_model
 from mdlm.tracking import STOPPED_TAG, MetricBuffer, set_tag, system_metrics
 from mdlm.train.checkpoint import checkpoint_candidates, restore_checkpoint, save_checkpoint
@@ -98,7 +99,10 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory(prefix="mdlm-ckpt-") as tmp:
             save_checkpoint(tmp, model, optimizer, scheduler, ema, progress, config=config.to_dict())
             if export:
-                export_model(model, ema, spec.export_dir, spec.data)
+                card = ModelCardInfo.from_training(config, steps=progress.step, tokens_seen=progress.tokens_seen,
+                                                   workers=world, metrics={k: v for k, v in metrics.items()
+                                                                           if k.startswith("val_")})
+                export_model(model, ema, spec.export_dir, spec.data, card=card)
             metrics_buffer.flush()
             report(metrics, tmp)
 
