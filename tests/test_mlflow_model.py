@@ -89,7 +89,8 @@ def test_logged_model_is_code_with_signature_example_and_metrics(registered, tra
     assert (local / Path(flavor["model_code_path"]).name).is_file()
     assert not list(local.rglob("*.pkl")) and not list(local.rglob("*.pickle"))
     inner = local / flavor["artifacts"]["model"]["path"]
-    assert sorted(p.name for p in inner.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= \
+        {p.name for p in inner.iterdir()}
     assert mlmodel["signature"]["inputs"] and mlmodel["signature"]["outputs"]
     params = {p["name"]: p["default"] for p in yaml.safe_load(mlmodel["signature"]["params"])}
     assert params == {"steps": 16, "length": 0, "sampler": "cached", "top_p": 1.0, "seed": -1}
