@@ -271,6 +271,12 @@ def test_literal_error_lists_choices():
     (["sampling.length=0"], "sampling.length"),
     (["sampling.length=2048"], "sampling.length"),  # > data.block_size (the model's max_seq_len) without stride
     (["sampling.stride=1024"], "sampling.stride"),
+    (["sampling.confidence_threshold=1.5"], "sampling.confidence_threshold"),
+    (["sampling.tokens_per_step=0"], "sampling.tokens_per_step"),
+    (["sampling.remask_eta=-0.1"], "sampling.remask_eta"),
+    (["sampling.remask_schedule=loop"], "sampling.remask_schedule"),
+    (["model.kind=sedd", "sampling.sampler=remdm"], "sampling.sampler"),  # ReMDM is MDLM's posterior
+    (["model.kind=d3pm", "noise.time=discrete", "sampling.sampler=confidence"], "sampling.sampler"),
     (["training.global_batch_size=100", "training.micro_batch_size=32"], "training.global_batch_size"),
     (["training.lr=0"], "training.lr"),
     (["training.ema_decay=1.0"], "training.ema_decay"),
