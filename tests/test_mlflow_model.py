@@ -45,10 +45,8 @@ def registered(tmp_path_factory):
 
 @pytest.fixture()
 def tracking_uri(registered):
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(registered["uri"])
-    yield registered["uri"]
-    mlflow.set_tracking_uri(before)
+    with tracking.fluent_tracking_uri(registered["uri"]):  # and back, MLFLOW_TRACKING_URI included
+        yield registered["uri"]
 
 
 def test_registered_pyfunc_generates(registered, tracking_uri):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,8 @@ def reproduce(folder: Path) -> tuple[Path, Path]:
     out, report = folder / "results", folder / "reproduction.md"
     command = [sys.executable, str(ROOT / "bench" / "reproduce.py"), "--quick", "--work", str(folder / "work"),
                "--out", str(out), "--report", str(report)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=1200, cwd=folder)
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1200, cwd=folder, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out, report
 
@@ -81,7 +83,8 @@ def test_quick_reproduction_end_to_end(tmp_path):
     before = {name: (out / name).read_bytes() for name in (*figures, "table.csv", "table.md")}
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "reproduce.py"), "--quick", "--from-results",
                            str(out / "results.json"), "--work", str(tmp_path / "work"), "--out", str(out),
-                           "--report", str(report)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                           "--report", str(report)], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert report.read_text() == text
     assert {name: (out / name).read_bytes() for name in before} == before

@@ -72,10 +72,12 @@ def test_main_job_end_to_end(tmp_path):
     # The registered model is an MLflow pyfunc model (a LoggedModel carrying the run's final metrics).
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
-    texts = mlflow.pyfunc.load_model("models:/mdlm@current").predict(["ROMEO."], params={"steps": 4, "seed": 0})
+    from mdlm.tracking import fluent_tracking_uri
+
+    with fluent_tracking_uri(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"):
+        texts = mlflow.pyfunc.load_model("models:/mdlm@current").predict(["ROMEO."], params={"steps": 4, "seed": 0})
+        logged = mlflow.get_logged_model(version.source.removeprefix("models:/"))
     assert len(texts) == 1 and texts[0].startswith("ROMEO.")
-    logged = mlflow.get_logged_model(version.source.removeprefix("models:/"))
     assert logged.source_run_id == run_id and "final_val_nelbo" in {m.key for m in logged.metrics}
     import mdlm
 

@@ -75,22 +75,22 @@ def test_two_worker_fsdp2_run_learns_and_is_tracked(ray_local, tmp_path):
     assert run.data.params["model.hidden_size"] == "32" and run.data.params["run.num_workers"] == "2"
     import mlflow
 
-    mlflow.set_tracking_uri(uri)
-    local = mlflow.artifacts.download_artifacts("models:/mdlm-learn@current")
-    assert (Path(local) / "MLmodel").is_file()  # an MLflow pyfunc model holding the export folder
-    from mdlm.hub import resolve_model_dir
+    with tracking.fluent_tracking_uri(uri):  # the user's tracking URI, then back
+        local = mlflow.artifacts.download_artifacts("models:/mdlm-learn@current")
+        assert (Path(local) / "MLmodel").is_file()  # an MLflow pyfunc model holding the export folder
+        from mdlm.hub import resolve_model_dir
 
-    assert sorted(p.name for p in resolve_model_dir(local).iterdir()) == ["README.md", "config.json",
-                                                                          "model.safetensors"]
-    import mdlm
+        assert sorted(p.name for p in resolve_model_dir(local).iterdir()) == ["README.md", "config.json",
+                                                                              "model.safetensors"]
+        import mdlm
 
-    model = mdlm.load_pretrained(local)
-    assert model.sample(2, 16, steps=8, seed=0).tokens.shape == (2, 16)
-    by_uri = mdlm.load_pretrained("models:/mdlm-learn@current")
-    for name, value in model.state_dict().items():
-        assert torch.equal(value, by_uri.state_dict()[name])
-    via_fsspec = mdlm.load_pretrained(f"file://{local}")
-    assert via_fsspec.config == model.config
+        model = mdlm.load_pretrained(local)
+        assert model.sample(2, 16, steps=8, seed=0).tokens.shape == (2, 16)
+        by_uri = mdlm.load_pretrained("models:/mdlm-learn@current")
+        for name, value in model.state_dict().items():
+            assert torch.equal(value, by_uri.state_dict()[name])
+        via_fsspec = mdlm.load_pretrained(f"file://{local}")
+        assert via_fsspec.config == model.config
     checkpoint = Path(result.checkpoint.path)
     assert sorted(p.name for p in checkpoint.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     assert json.loads((checkpoint / "train_state.json").read_text())["progress"]["step"] == 30
