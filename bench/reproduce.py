@@ -68,6 +68,10 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "mdlm-cosine": ("ablation", ["noise.schedule=cosine"]),
 }
 
+# The samplers of the papers reproduced here (MDLM's ancestral and cached, first-hitting, SEDD's Euler); the
+# faster heuristic ones are compared in the sampling benchmark instead.
+PAPER_SAMPLERS = ("ancestral", "cached", "first_hitting", "euler")
+
 # The paper's published numbers (Sahoo et al. 2024; 110M models), perplexity (bounds).
 PAPER = [
     ("LM1B, 33B tokens", "AR 22.32", "MDLM <= 27.04", "SEDD <= 32.79"),
@@ -229,7 +233,7 @@ def sampling_study(model, evaluator_dir: Path, size: Size, seed: int, block: int
                       "gen_ppl": generative_perplexity(out["nll"], out["num_tokens"]),
                       "entropy": float(np.mean(out["entropy"])), "forward_passes": out["forward_passes"][0]})
 
-    for sampler in model.samplers:
+    for sampler in (s for s in model.samplers if s in PAPER_SAMPLERS):
         for steps in size.gen_steps:
             measure(sampler, sampler=sampler, steps=steps, length=block)
     for steps in size.gen_steps:
@@ -389,7 +393,8 @@ def budget_for_ratio(curve_mdlm: list[dict], curve_ar: list[dict], target: float
 
 
 def write_report(path: Path, out: Path, size_name: str, size: Size, results: list[RunResult], rows_: list[dict],
-                 cells: dict[str, list[dict]], invariant: list[dict], figures: list[str], seed: int) -> None:
+                 cells: dict[str, list[dict]], invariant: list[dict], figures: list[str], seed: int,
+                 parameters: dict[str, int]) -> None:
     relative = Path(os.path.relpath(out, path.parent))  # the figures, as the report's own folder sees them
     text = io.StringIO()
     w = text.write
@@ -398,8 +403,12 @@ def write_report(path: Path, out: Path, size_name: str, size: Size, results: lis
       "(every number below is computed by the library's training, objective and evaluation code; costs are "
       "counted in forward passes, so the report is the same on every run of the command).\n\n")
     budget = rows_[0]["tokens"]
+    counts = sorted(set(parameters.values()))
+    sizes = " to ".join(f"{c / 1e6:.2f}M" for c in (counts[0], counts[-1]) if counts) + " parameters"
+    if len(counts) == 1:
+        sizes = f"{counts[0] / 1e6:.2f}M parameters"
     w(f"Setup: the default corpus (Shakespeare, byte-level BPE of 1,024 tokens, 128-token rows packed as MDLM "
-      f"packs OpenWebText), the `cpu` model size (1.3M parameters) for every run, {size.steps} optimizer steps of "
+      f"packs OpenWebText), the `cpu` model size ({sizes}) for every run, {size.steps} optimizer steps of "
       f"32 x 128 tokens = {budget:,} training tokens each, EMA weights, K = {size.mc_samples} Monte-Carlo time "
       "samples per row with per-row seeds. The paper trains 110M-parameter models on 33B-327B tokens: about "
       f"{33e9 / max(budget, 1):,.0f} x this budget.\n\n")
@@ -448,6 +457,37 @@ def write_report(path: Path, out: Path, size_name: str, size: Size, results: lis
     write_text_atomic(path, text.getvalue())
 
 
+def parameter_counts(work: Path) -> dict[str, int]:
+    """Parameters of each trained model, read from its safetensors header (no weights loaded)."""
+    from safetensors import safe_open
+
+    counts = {}
+    for name in RUNS:
+        path = work / "models" / name / "model.safetensors"
+        if path.is_file():
+            with safe_open(str(path), framework="pt") as f:
+                counts[name] = sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())  # noqa: SIM118
+    return counts
+
+
+def render(record: dict[str, Any], out: Path, report: Path, work: Path) -> None:
+    """Table (CSV, markdown), plots, results.json and the report from the measurements alone."""
+    results = [RunResult(**r) for r in record["runs"]]
+    if not record.get("parameters"):
+        record["parameters"] = parameter_counts(work)
+    rows_ = table(results)
+    record["table"] = rows_
+    with (out / "table.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows_[0]))
+        writer.writeheader()
+        writer.writerows(rows_)
+    write_text_atomic(out / "table.md", markdown(rows_, list(rows_[0])))
+    figures = plots(results, record["sampling"], out)
+    write_text_atomic(out / "results.json", json.dumps(record, indent=1, default=str) + "\n")
+    write_report(report, out, record["size"], SIZES[record["size"]], results, rows_, record["sampling"],
+                 record["invariance"], figures, record["seed"], record["parameters"])
+
+
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -458,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=None, help="data, models and MLflow store (default: runs/)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results/reproduce)")
     parser.add_argument("--report", type=Path, default=None, help="the markdown report (default: docs/...)")
+    parser.add_argument("--from-results", type=Path, default=None, metavar="RESULTS_JSON",
+                        help="only redraw the table, plots and report from a results.json of an earlier run")
     args = parser.parse_args(argv)
     size_name = "quick" if args.quick else "cpu"
     size = SIZES[size_name]
@@ -466,6 +508,10 @@ def main(argv: list[str] | None = None) -> int:
     out = (args.out or ROOT / "bench" / "results" / f"reproduce{suffix}").absolute()
     report = (args.report or ROOT / "docs" / f"reproduction{suffix}.md").absolute()
     out.mkdir(parents=True, exist_ok=True)
+    if args.from_results is not None:
+        render(json.loads(args.from_results.read_text()), out, report, work)
+        log(f"report: {report}; results: {out}")
+        return 0
     torch.set_num_threads(2)
     started = time.perf_counter()
 
@@ -502,17 +548,10 @@ def main(argv: list[str] | None = None) -> int:
     log("sampling study done; invariance of the Ray evaluation job")
     invariant = invariance(work / "models" / "mdlm", Path(main_data.root), size, args.seed, work)
 
-    rows_ = table(results)
-    with (out / "table.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows_[0]))
-        writer.writeheader()
-        writer.writerows(rows_)
-    write_text_atomic(out / "table.md", markdown(rows_, list(rows_[0])))
-    figures = plots(results, cells, out)
-    record = {"size": size_name, "seed": args.seed, "runs": [r.__dict__ for r in results], "table": rows_,
-              "sampling": cells, "invariance": invariant, "seconds": round(time.perf_counter() - started, 1)}
-    write_text_atomic(out / "results.json", json.dumps(record, indent=1, default=str) + "\n")
-    write_report(report, out, size_name, size, results, rows_, cells, invariant, figures, args.seed)
+    record = {"size": size_name, "seed": args.seed, "runs": [r.__dict__ for r in results],
+              "parameters": parameter_counts(work), "sampling": cells, "invariance": invariant,
+              "seconds": round(time.perf_counter() - started, 1)}
+    render(record, out, report, work)
     log(f"report: {report}; results: {out}; {record['seconds']:.0f} s")
     return 0
 

@@ -26,13 +26,17 @@ ScheduleName = Literal["loglinear", "linear", "cosine", "cosinesqr", "geometric"
 ModelKind = Literal["mdlm", "sedd", "d3pm", "ar"]
 MODEL_KINDS: tuple[str, ...] = typing.get_args(ModelKind)
 DIFFUSION_KINDS = ("mdlm", "sedd", "d3pm")  # masked diffusion models: a [MASK] token, a noise schedule, samplers
-SamplerName = Literal["ancestral", "cached", "first_hitting", "euler"]
-SAMPLERS: tuple[str, ...] = typing.get_args(SamplerName)  # the diffusion samplers (mdlm.sampling.samplers)
+SamplerName = Literal["ancestral", "cached", "first_hitting", "euler", "confidence", "confidence_k", "remdm"]
+SAMPLERS: tuple[str, ...] = typing.get_args(SamplerName)  # the diffusion samplers (mdlm.sampling)
 # Which samplers each kind takes: 'euler' is SEDD's Euler step; D3PM's model may keep a position masked, which
-# the first-hitting sampler (exact for MDLM's process) does not allow for.
-KIND_SAMPLERS: dict[str, tuple[str, ...]] = {"mdlm": ("ancestral", "cached", "first_hitting"),
+# the first-hitting sampler (exact for MDLM's process) does not allow for. 'confidence' / 'confidence_k'
+# (parallel decoding) and 'remdm' (remasking, derived from MDLM's SUBS posterior) are MDLM's.
+KIND_SAMPLERS: dict[str, tuple[str, ...]] = {"mdlm": ("ancestral", "cached", "first_hitting", "confidence",
+                                                      "confidence_k", "remdm"),
                                              "sedd": ("ancestral", "cached", "first_hitting", "euler"),
                                              "d3pm": ("ancestral", "cached")}
+RemaskSchedule = Literal["cap", "rescale"]  # ReMDM's sigma_t schedules (mdlm.diffusion.remdm)
+REMASK_SCHEDULES: tuple[str, ...] = typing.get_args(RemaskSchedule)
 
 
 class ConfigError(ValueError):
@@ -180,15 +184,26 @@ class SamplingConfig:
     top_p: float = 1.0
     dtype: Literal["float64", "float32"] = "float64"
     seed: int = 0
+    # sampler=confidence: unmask every masked position whose most likely token has probability above this
+    # (Fast-dLLM's 0.9), and at least the most confident one per step.
+    confidence_threshold: float = 0.9
+    # sampler=confidence_k: positions unmasked per step (None: ceil(masked tokens / steps)).
+    tokens_per_step: int | None = None
+    # sampler=remdm: sigma_t = min(eta, sigma_max) ('cap') or eta * sigma_max ('rescale'), eta = remask_eta.
+    remask_schedule: RemaskSchedule = "cap"
+    remask_eta: float = 0.01
 
     def validate(self, prefix: str = "sampling") -> None:
         check_positive(self, prefix, "steps", "num_samples")
-        for name in ("length", "stride"):
+        for name in ("length", "stride", "tokens_per_step"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{prefix}.{name}: must be > 0, got {value}")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"{prefix}.top_p: {self.top_p} is not in (0, 1]")
+        for name in ("confidence_threshold", "remask_eta"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{prefix}.{name}: {getattr(self, name)} is not in [0, 1]")
 
 
 @dataclass

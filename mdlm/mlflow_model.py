@@ -11,8 +11,6 @@ from the training config's ``sampling`` section and bounded like the service's r
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ import pandas as pd
 from mdlm.hub import MLFLOW_MODEL_ARTIFACT as ARTIFACT
 from mdlm.hub import TOKENIZER_NAME
 from mdlm.output import mlflow_notices
+from mdlm.tracking import fluent_tracking_uri
 
 CODE_FILE = Path(__file__).with_name("mlflow_model_code.py")
 MAX_PROMPTS = 64
@@ -90,17 +89,6 @@ class GeneratePyfunc(mlflow.pyfunc.PythonModel):
         return texts
 
 
-@contextmanager
-def _tracking(tracking_uri: str) -> Iterator[None]:
-    """``mlflow``'s fluent API against ``tracking_uri`` for the block, then back to what it was."""
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(before)
-
-
 def requirements() -> list[str]:
     """What loading the model needs: this package and the versions of its model-side dependencies installed here."""
     out = []
@@ -127,7 +115,7 @@ def log_pyfunc_model(tracking_uri: str, run_id: str, export_dir: str | os.PathLi
     signature = infer_signature(INPUT_EXAMPLE, ["generated text"], params=params)
     # MLflow checks the example by loading the model and predicting; a model without a tokenizer takes no text.
     example = (INPUT_EXAMPLE, {**params, "steps": 8, "seed": 0}) if Path(export_dir, TOKENIZER_NAME).is_file() else None
-    with _tracking(tracking_uri), mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+    with fluent_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
         info = mlflow.pyfunc.log_model(
             name=ARTIFACT, python_model=str(CODE_FILE), artifacts={ARTIFACT: str(Path(export_dir).absolute())},
             signature=signature, input_example=example, pip_requirements=requirements())

@@ -214,22 +214,31 @@ class MDLM(_PretrainedModel):
     def sampling_kwargs(self, sampling: SamplingConfig) -> dict[str, Any]:
         """The ``sample``/``generate`` arguments this model takes from a sampling config."""
         return {"steps": sampling.steps, "sampler": sampling.sampler, "top_p": sampling.top_p,
-                "dtype": sampling.dtype, "seed": sampling.seed, "stride": sampling.stride}
+                "dtype": sampling.dtype, "seed": sampling.seed, "stride": sampling.stride,
+                "confidence_threshold": sampling.confidence_threshold, "tokens_per_step": sampling.tokens_per_step,
+                "remask_schedule": sampling.remask_schedule, "remask_eta": sampling.remask_eta}
 
     @torch.no_grad()
     def sample(self, num_samples: int = 1, length: int | None = None, *, steps: int | None = None,
                sampler: str = "cached", top_p: float = 1.0, dtype: str | torch.dtype = "float64",
                prefix: IdsLike | None = None, template: IdsLike | None = None, stride: int | None = None,
                seed: int | None = None, generator: torch.Generator | None = None,
-               callback: Callable[[int, Tensor], None] | None = None) -> SampleOutput:
+               callback: Callable[[int, Tensor], None] | None = None, confidence_threshold: float = 0.9,
+               tokens_per_step: int | None = None, remask_schedule: str = "cap",
+               remask_eta: float = 0.01) -> SampleOutput:
         """Generate token ids.
 
         ``prefix`` fixes the first tokens; ``template`` ([L] or [B, L]) fixes every position that is not the
         mask id (infilling). ``length`` beyond ``max_seq_len`` needs ``stride`` (semi-autoregressive).
-        ``steps`` defaults to the number of generated positions; first_hitting ignores it.
+        ``steps`` defaults to the number of generated positions; first_hitting and confidence ignore it.
+        ``confidence_threshold`` (sampler 'confidence'), ``tokens_per_step`` ('confidence_k'; default
+        ceil(masked / steps)), ``remask_schedule`` and ``remask_eta`` ('remdm') set the samplers of
+        :func:`mdlm.sampling.samplers.run_sampler`.
         """
         resolve_dtype(dtype)
         generator = self._generator(seed, generator)
+        settings = {"confidence_threshold": confidence_threshold, "tokens_per_step": tokens_per_step,
+                    "remask_schedule": remask_schedule, "remask_eta": remask_eta}
         block = self.config.max_seq_len
         was_training = self.training
         self.eval()
@@ -240,7 +249,7 @@ class MDLM(_PretrainedModel):
                 z = self._prefix_tensor(template, num_samples)
                 if z.shape[1] > block:
                     raise ValueError(f"template of {z.shape[1]} tokens exceeds max_seq_len {block}")
-                return self._sample_window(z, steps, sampler, top_p, dtype, generator, callback)
+                return self._sample_window(z, steps, sampler, top_p, dtype, generator, callback, settings)
             length = length or block
             start = self._prefix_tensor(prefix, num_samples)
             if length <= start.shape[1]:
@@ -250,18 +259,18 @@ class MDLM(_PretrainedModel):
                     raise ValueError(f"length {length} exceeds max_seq_len {block}: set stride for "
                                      "semi-autoregressive generation")
                 return semi_autoregressive_sample(
-                    lambda z: self._sample_window(z, steps, sampler, top_p, dtype, generator, None),
+                    lambda z: self._sample_window(z, steps, sampler, top_p, dtype, generator, None, settings),
                     start, length, block, stride, self.mask_id,
                     callback=None if callback is None else (lambda tokens: callback(-1, tokens)))
             z = torch.full((num_samples, length), self.mask_id, dtype=torch.long, device=self.device)
             z[:, :start.shape[1]] = start
-            return self._sample_window(z, steps, sampler, top_p, dtype, generator, callback)
+            return self._sample_window(z, steps, sampler, top_p, dtype, generator, callback, settings)
         finally:
             self.train(was_training)
 
     def _sample_window(self, z: Tensor, steps: int | None, sampler: str, top_p: float, dtype: str | torch.dtype,
-                       generator: torch.Generator | None, callback: Callable[[int, Tensor], None] | None
-                       ) -> SampleOutput:
+                       generator: torch.Generator | None, callback: Callable[[int, Tensor], None] | None,
+                       settings: dict[str, Any]) -> SampleOutput:
         if sampler not in self.samplers:
             raise ValueError(f"sampler {sampler!r} does not apply to a {self.model_type} model; "
                              f"available: {', '.join(self.samplers)}")
@@ -272,7 +281,8 @@ class MDLM(_PretrainedModel):
 
         return run_sampler(sampler, denoise, z, self.schedule, self.mask_id, steps=steps, top_p=top_p,
                            dtype=dtype, generator=generator, callback=callback,
-                           allow_cache=not self.config.time_conditioning, unmask_rule=self.unmask_rule(sampler))
+                           allow_cache=not self.config.time_conditioning, unmask_rule=self.unmask_rule(sampler),
+                           **settings)
 
     def generate(self, prompt: str | None = None, *, infill: str | None = None, num_samples: int = 1,
                  length: int | None = None, **sample_kwargs: Any) -> list[str]:
@@ -373,9 +383,12 @@ class ARModel(_PretrainedModel):
     @torch.no_grad()
     def sample(self, num_samples: int = 1, length: int | None = None, *, top_p: float = 1.0,
                dtype: str | torch.dtype = "float64", prefix: IdsLike | None = None, seed: int | None = None,
-               generator: torch.Generator | None = None) -> SampleOutput:
-        """Left-to-right sampling (full recomputation per token)."""
+               generator: torch.Generator | None = None, use_cache: bool = True) -> SampleOutput:
+        """Left-to-right sampling, one forward pass per new token. ``use_cache`` keeps every position's keys and
+        values (exact for causal attention), so a pass computes only the newest position; ``use_cache=False``
+        recomputes the whole sequence each time. Both draw the same tokens under one seed."""
         generator = self._generator(seed, generator)
+        dtype = resolve_dtype(dtype)
         length = length or self.config.max_seq_len
         if length > self.config.max_seq_len:
             raise ValueError(f"length {length} exceeds max_seq_len {self.config.max_seq_len}")
@@ -388,16 +401,26 @@ class ARModel(_PretrainedModel):
         self.eval()
         passes = 0
         try:
+            cache = self.backbone.new_cache(length) if use_cache else None
+            new = tokens  # what the next pass must compute: everything without a cache, else the uncached tail
             while tokens.shape[1] < length:
-                logits = self.backbone(tokens)[:, -1].float()
-                if self.config.mask_token_id is not None:
-                    logits[:, self.config.mask_token_id] = float("-inf")
-                probs = top_p_filter(torch.softmax(logits.to(resolve_dtype(dtype)), dim=-1), top_p)
-                tokens = torch.cat((tokens, sample_categorical(probs, dtype=dtype, generator=generator)[:, None]), 1)
+                logits = self.backbone(new if cache is not None else tokens, cache=cache)[:, -1]
                 passes += 1
+                token = self._draw_next(logits, top_p, dtype, generator)[:, None]
+                tokens = torch.cat((tokens, token), 1)
+                new = token
         finally:
             self.train(was_training)
         return SampleOutput(tokens=tokens, num_forward_passes=passes)
+
+    def _draw_next(self, logits: Tensor, top_p: float, dtype: torch.dtype,
+                   generator: torch.Generator | None) -> Tensor:
+        """One token per row from the next-token ``logits`` [B, V] ([MASK] excluded), top-p, Gumbel-max."""
+        logits = logits.float()
+        if self.config.mask_token_id is not None:
+            logits[:, self.config.mask_token_id] = float("-inf")
+        probs = top_p_filter(torch.softmax(logits.to(dtype), dim=-1), top_p)
+        return sample_categorical(probs, dtype=dtype, generator=generator)
 
     def generate(self, prompt: str | None = None, *, num_samples: int = 1, length: int | None = None,
                  **sample_kwargs: Any) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 from mdlm import output
 
@@ -30,7 +31,30 @@ READ_CPUS = 0.25  # logical CPUs of a Ray Data read task: reading is light
 RESERVED_CPUS = 0.5  # kept free of model/tokenizer actors so that read tasks are never starved
 
 
-def actor_cpu_share(cluster_cpus: float, actors: int) -> float:
-    """CPUs per actor when ``actors`` share a cluster of ``cluster_cpus``, keeping ``RESERVED_CPUS`` free for
-    read tasks; between 0.05 and 1."""
-    return max(0.05, min(1.0, round((cluster_cpus - RESERVED_CPUS) / actors, 2)))
+def node_cpus() -> list[float]:
+    """The logical CPUs of each alive node of the connected Ray cluster (nodes without CPUs included, as 0)."""
+    import ray
+
+    return [float(node["Resources"].get("CPU", 0.0)) for node in ray.nodes() if node.get("Alive")]
+
+
+def _reserve(nodes: Sequence[float]) -> float:
+    """CPUs kept free on each node: room for a read task on every node, ``RESERVED_CPUS`` in all at least."""
+    return max(READ_CPUS, RESERVED_CPUS / max(1, sum(1 for c in nodes if c > 0)))
+
+
+def actors_that_fit(nodes: Sequence[float], share: float) -> int:
+    """How many actors of ``share`` CPUs Ray can place on nodes of ``nodes`` CPUs, each node keeping its reserve
+    free. (An actor lives on one node, so the count is per node, not from the cluster's total.)"""
+    reserve = _reserve(nodes)
+    return sum(int((c - reserve) / share + 1e-9) for c in nodes if c - reserve >= share - 1e-9)
+
+
+def actor_cpu_share(nodes: Sequence[float], actors: int) -> float:
+    """CPUs per actor for ``actors`` actors on a cluster whose nodes have ``nodes`` CPUs: the largest share, in
+    hundredths between 0.05 and 1, at which they all fit (:func:`actors_that_fit`), so that every node keeps room
+    for read tasks; 0.05 if even that does not fit. One node of C CPUs gives min(1, (C - 0.5) / actors)."""
+    for hundredths in range(100, 4, -1):
+        if actors_that_fit(nodes, hundredths / 100) >= actors:
+            return hundredths / 100
+    return 0.05

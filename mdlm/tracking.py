@@ -21,6 +21,28 @@ STOPPED_TAG = "mdlm.stopped"  # why a run stopped early (e.g. a non-finite loss)
 STORAGE_TAG = "mdlm.storage_path"
 
 
+@contextmanager
+def fluent_tracking_uri(uri: str | None) -> Iterator[None]:
+    """MLflow's fluent API (``mlflow.start_run``, ``models:/`` downloads) against ``uri`` for the block (None:
+    unchanged), then exactly the state before: ``mlflow.set_tracking_uri`` also writes ``MLFLOW_TRACKING_URI``
+    into the environment, so both are put back, "unset" included (library calls leave no global behind)."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    before, env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    if uri is not None:
+        mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        if uri is not None:
+            mlflow.set_tracking_uri(before)
+            if env is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = env
+
+
 def default_tracking_uri(runs_dir: str | os.PathLike[str]) -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
@@ -109,8 +131,7 @@ def system_metrics(tracking_uri: str | None, run_id: str | None) -> Iterator[Non
         return
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id, log_system_metrics=True):
+    with fluent_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id, log_system_metrics=True):
         yield
 
 

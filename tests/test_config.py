@@ -271,6 +271,12 @@ def test_literal_error_lists_choices():
     (["sampling.length=0"], "sampling.length"),
     (["sampling.length=2048"], "sampling.length"),  # > data.block_size (the model's max_seq_len) without stride
     (["sampling.stride=1024"], "sampling.stride"),
+    (["sampling.confidence_threshold=1.5"], "sampling.confidence_threshold"),
+    (["sampling.tokens_per_step=0"], "sampling.tokens_per_step"),
+    (["sampling.remask_eta=-0.1"], "sampling.remask_eta"),
+    (["sampling.remask_schedule=loop"], "sampling.remask_schedule"),
+    (["model.kind=sedd", "sampling.sampler=remdm"], "sampling.sampler"),  # ReMDM is MDLM's posterior
+    (["model.kind=d3pm", "noise.time=discrete", "sampling.sampler=confidence"], "sampling.sampler"),
     (["training.global_batch_size=100", "training.micro_batch_size=32"], "training.global_batch_size"),
     (["training.lr=0"], "training.lr"),
     (["training.ema_decay=1.0"], "training.ema_decay"),
@@ -347,3 +353,19 @@ def test_base_cycle_raises_config_error(tmp_path):
     (tmp_path / "b.yaml").write_text(f"base: {tmp_path / 'a.yaml'}\n")
     with pytest.raises(ConfigError, match="base"):
         load_config(tmp_path / "a.yaml")
+
+
+def test_actor_cpu_share_is_planned_per_node():
+    """Ray places an actor on one node: shares come from the nodes' CPUs, not the cluster's total, and every node
+    keeps room for a read task (three 1-CPU nodes used to get 0.83-CPU actors, leaving no node a read slot)."""
+    from mdlm.runtime import READ_CPUS, actor_cpu_share, actors_that_fit
+
+    assert actor_cpu_share([2.0], 1) == 1.0 and actor_cpu_share([2.0], 2) == 0.75  # one node: (C - 0.5) / n
+    assert actor_cpu_share([8.0], 4) == 1.0
+    share = actor_cpu_share([0.0, 1.0, 1.0, 1.0], 3)  # a head without CPUs and three 1-CPU workers
+    assert share == 0.75 and share + READ_CPUS <= 1.0
+    assert actors_that_fit([0.0, 1.0, 1.0, 1.0], share) == 3
+    assert actors_that_fit([0.0, 1.0, 1.0, 1.0], 0.83) == 0  # what the cluster-total share gave: nothing fits
+    six = actor_cpu_share([1.0, 1.0, 1.0], 6)
+    assert actors_that_fit([1.0, 1.0, 1.0], six) >= 6 and 2 * six + READ_CPUS <= 1.0
+    assert actor_cpu_share([1.0], 40) == 0.05  # nothing fits: the floor

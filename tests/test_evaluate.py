@@ -98,7 +98,7 @@ def one_actor(world):
 
     request = EvalRequest(model=str(world["root"] / "mdlm"), data=[str(world["root"] / "a")], mlflow=False,
                           nelbo=NelboSettings(mc_samples=2, max_rows=ROWS, batch_size=BATCH, num_actors=1, seed=SEED))
-    model, corpora, _ = prepare(request, None)
+    model, corpora, _ = prepare(request)
     return nelbo_job(ray.put(read_dir_files(model.local_dir)), corpora, request.nelbo)[0]
 
 

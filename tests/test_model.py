@@ -133,3 +133,37 @@ def test_vocab_padding_changes_nothing_but_the_head_shape(tiny_config):
     loss = [m.loss(x, generator=torch.Generator().manual_seed(2)).loss for m in (plain, padded)]
     assert torch.equal(loss[0], loss[1])
     assert matmul_flops_per_token(plain, 16) == matmul_flops_per_token(padded, 16)
+
+
+def test_kv_cache_gives_the_logits_of_the_full_causal_forward(tiny_config):
+    """Feeding a sequence in pieces through a KV cache (a prefill, single tokens, and a multi-token chunk after
+    cached positions) gives the logits of one full causal forward pass, position by position."""
+    model = perturb_(DiT(tiny_config, causal=True), scale=0.3).eval()
+    x = torch.randint(0, 31, (3, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(x)
+        cache = model.new_cache()
+        pieces = [model(x[:, a:b], cache=cache) for a, b in [(0, 5), (5, 6), (6, 7), (7, 11), (11, 16)]]
+    assert cache.length == 16
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(x[:, :1], cache=cache)  # a 17th position
+    with pytest.raises(ValueError, match="capacity"):
+        small = model.new_cache(4)
+        model(x[:, :5], cache=small)
+    with pytest.raises(ValueError, match="causal"):
+        DiT(tiny_config).new_cache()
+
+
+@pytest.mark.parametrize(("prefix", "top_p", "dtype"), [(None, 1.0, "float64"), ([3, 1, 4], 0.9, "float64"),
+                                                        ([5], 1.0, "float32")])
+def test_ar_sampling_with_the_kv_cache_draws_the_uncached_tokens(tiny_config, prefix, top_p, dtype):
+    model = perturb_(ARModel(dataclasses.replace(tiny_config, kind="ar", bos_token_id=0)), scale=0.3).eval()
+    cached = model.sample(6, 16, prefix=prefix, top_p=top_p, dtype=dtype, seed=7)
+    plain = model.sample(6, 16, prefix=prefix, top_p=top_p, dtype=dtype, seed=7, use_cache=False)
+    assert torch.equal(cached.tokens, plain.tokens)  # bit for bit
+    given = len(prefix) if prefix else 1  # the BOS token
+    assert cached.num_forward_passes == plain.num_forward_passes == 16 - given
+    assert not torch.equal(cached.tokens, model.sample(6, 16, prefix=prefix, top_p=top_p, dtype=dtype,
+                                                       seed=8).tokens)
+    assert (cached.tokens != tiny_config.mask_token_id).all()

@@ -76,3 +76,12 @@ def test_quick_reproduction_end_to_end(tmp_path):
     assert report2.read_bytes() == report.read_bytes()
     for name in (*figures, "table.csv", "table.md"):
         assert (out2 / name).read_bytes() == (out / name).read_bytes(), name
+
+    # --from-results redraws the same table, plots and report from the measurements alone
+    before = {name: (out / name).read_bytes() for name in (*figures, "table.csv", "table.md")}
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "reproduce.py"), "--quick", "--from-results",
+                           str(out / "results.json"), "--work", str(tmp_path / "work"), "--out", str(out),
+                           "--report", str(report)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert report.read_text() == text
+    assert {name: (out / name).read_bytes() for name in before} == before

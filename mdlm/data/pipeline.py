@@ -63,7 +63,7 @@ from mdlm.data.tokenizer import (
     train_bpe,
 )
 from mdlm.data.writer import first_error, list_array, pack_and_write, rows_array
-from mdlm.runtime import READ_CPUS, actor_cpu_share, init_ray
+from mdlm.runtime import READ_CPUS, actor_cpu_share, actors_that_fit, init_ray, node_cpus
 from mdlm.storage import atomic_dir, is_url
 
 # Document blocks of about this size: one big file still becomes many tokenizer tasks (Ray bundles whole
@@ -269,10 +269,12 @@ def prepare_dataset(config: DataConfig, *, force: bool | None = None, progress: 
                 tokenizer = _train_tokenizer(source, config)
                 special = special_tokens_for(tokenizer, config.tokenizer)
             save_tokenizer(tokenizer, tmp, special.role_ids(), model_max_length=config.block_size)
-            cpus = float(ray.cluster_resources().get("CPU", 1.0))
-            # Auto: one actor per CPU, but no more than there are document blocks (small corpora start faster).
-            workers = config.num_workers or max(1, min(int(cpus), -(-source.num_bytes // BLOCK_BYTES)))
-            actor_cpus = actor_cpu_share(cpus, workers)
+            nodes = node_cpus()
+            # Auto: one actor per CPU, but no more than there are document blocks (small corpora start faster),
+            # nor more than fit at half a CPU each on the nodes, beside their read reserve (a 1-CPU node: one).
+            workers = config.num_workers or max(1, min(int(sum(nodes)), actors_that_fit(nodes, READ_CPUS * 2),
+                                                       -(-source.num_bytes // BLOCK_BYTES)))
+            actor_cpus = actor_cpu_share(nodes, workers)
             tokenizer_arg = config.tokenizer if config.tokenizer in PRETRAINED else tokenizer.to_str()
             tokenized = documents_dataset(source, config).map_batches(
                 TokenizeBatch, batch_size=config.batch_size, batch_format="pyarrow",

@@ -21,7 +21,7 @@ import torch
 
 from mdlm.eval import EvalInputError
 from mdlm.eval.settings import NelboSettings
-from mdlm.runtime import READ_CPUS, actor_cpu_share
+from mdlm.runtime import actor_cpu_share, actors_that_fit, node_cpus
 
 
 @dataclass
@@ -35,7 +35,6 @@ class ActorResources:
 def actor_resources(settings: NelboSettings, actors: int) -> ActorResources:
     """Per-actor resources; fails early (instead of hanging) when the cluster cannot hold the pool."""
     cluster = ray.cluster_resources()
-    cpus = float(cluster.get("CPU", 1.0))
     if settings.device == "cuda":
         gpus = float(cluster.get("GPU", 0.0))
         if gpus < actors:
@@ -43,10 +42,12 @@ def actor_resources(settings: NelboSettings, actors: int) -> ActorResources:
                                  value="cuda")
         per_actor = settings.cpus_per_actor or 1.0
         return ActorResources("cuda", per_actor, 1.0, max(1, int(per_actor)))
-    per_actor = settings.cpus_per_actor or actor_cpu_share(cpus, actors)
-    if per_actor * actors + READ_CPUS > cpus:
-        raise EvalInputError("nelbo.num_actors", f"{actors} actors x {per_actor:g} CPU leave no CPU for reading on a "
-                             f"cluster of {cpus:g} CPUs; use fewer actors or set nelbo.cpus_per_actor")
+    nodes = node_cpus()
+    per_actor = settings.cpus_per_actor or actor_cpu_share(nodes, actors)
+    if actors_that_fit(nodes, per_actor) < actors:
+        raise EvalInputError("nelbo.num_actors", f"{actors} actors x {per_actor:g} CPU do not fit, with room for "
+                             f"reading, on nodes of {', '.join(f'{c:g}' for c in nodes)} CPUs; use fewer actors or "
+                             "set nelbo.cpus_per_actor")
     return ActorResources("cpu", per_actor, 0.0, max(1, round(per_actor)))
 
 

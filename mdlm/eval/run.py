@@ -19,22 +19,18 @@ from mdlm.eval.inputs import Corpus, ModelInfo, check_compatible, inspect_model,
 from mdlm.eval.results import CorpusResult, EvalResults, GenResult
 from mdlm.eval.settings import EvalRequest
 from mdlm.storage import is_mlflow_uri
-from mdlm.tracking import default_tracking_uri
+from mdlm.tracking import default_tracking_uri, fluent_tracking_uri
 
 logger = logging.getLogger(__name__)
 
 
-def prepare(request: EvalRequest, tracking_uri: str | None) -> tuple[ModelInfo, list[Corpus], Path | None]:
+def prepare(request: EvalRequest) -> tuple[ModelInfo, list[Corpus], Path | None]:
     """Every check that needs no Ray: the model, the corpora and their tokenizers, the evaluator and generation
     settings. Returns the model, the corpora and the local evaluator directory (None without generation)."""
     from mdlm.eval.evaluator import evaluator_kind, resolve_evaluator_dir
 
     request.validate()
-    if tracking_uri is not None:
-        import mlflow
-
-        mlflow.set_tracking_uri(tracking_uri)  # models:/ and runs:/ resolve against it
-    model = inspect_model(request.model)
+    model = inspect_model(request.model)  # models:/ and runs:/ resolve against tracking_uri (run_evaluation)
     corpora = [open_corpus(spec, request.nelbo.split, request.nelbo.max_rows) for spec in request.data]
     for corpus in corpora:
         check_compatible(model, corpus)
@@ -65,7 +61,15 @@ def run_evaluation(request: EvalRequest) -> EvalResults:
     """Run the whole evaluation; returns the results (also written to ``request.output`` and logged to MLflow).
 
     Bad input raises :class:`~mdlm.eval.EvalInputError` before anything is written or any MLflow run is
-    created."""
+    created. ``models:/`` and ``runs:/`` URIs resolve against the tracking URI of ``request.runs_dir`` (or
+    ``MLFLOW_TRACKING_URI``), set for the evaluation only."""
+    uses_mlflow = request.mlflow or is_mlflow_uri(request.model) or is_mlflow_uri(request.gen.evaluator or "")
+    tracking_uri = default_tracking_uri(request.runs_dir) if uses_mlflow else None  # as the training launcher
+    with fluent_tracking_uri(tracking_uri):
+        return _run_evaluation(request, tracking_uri)
+
+
+def _run_evaluation(request: EvalRequest, tracking_uri: str | None) -> EvalResults:
     import ray
 
     from mdlm.eval.generation import generation_job
@@ -74,9 +78,7 @@ def run_evaluation(request: EvalRequest) -> EvalResults:
     from mdlm.runtime import init_ray
 
     started_at = time.perf_counter()
-    uses_mlflow = request.mlflow or is_mlflow_uri(request.model) or is_mlflow_uri(request.gen.evaluator or "")
-    tracking_uri = default_tracking_uri(request.runs_dir) if uses_mlflow else None  # as the training launcher
-    model, corpora, evaluator_dir = prepare(request, tracking_uri)
+    model, corpora, evaluator_dir = prepare(request)
     parent = None
     if request.mlflow:
         parent = report.find_training_run(request.model, tracking_uri, request.run_id)  # type: ignore[arg-type]

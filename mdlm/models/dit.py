@@ -38,8 +38,9 @@ class RotaryEmbedding(nn.Module):
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        positions = torch.arange(seq_len, device=device, dtype=torch.float32)
+    def forward(self, seq_len: int, device: torch.device, offset: int = 0) -> tuple[Tensor, Tensor]:
+        """Tables for positions ``offset`` .. ``offset + seq_len - 1``."""
+        positions = torch.arange(offset, offset + seq_len, device=device, dtype=torch.float32)
         freqs = torch.outer(positions, self.inv_freq.to(device))
         angles = torch.cat((freqs, freqs), dim=-1)  # [L, head_dim]
         return angles.cos(), angles.sin()
@@ -77,6 +78,34 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1.0 + scale) + shift
 
 
+class KVCache:
+    """Keys and values of the positions a causal model has seen, per block ([B, H, capacity, Dh] each), for
+    incremental decoding: ``length`` positions are filled. Exact only for causal attention, where a position's
+    keys and values never depend on later tokens."""
+
+    def __init__(self, n_layers: int, capacity: int) -> None:
+        self.keys: list[Tensor | None] = [None] * n_layers  # allocated at the first write, in k's dtype
+        self.values: list[Tensor | None] = [None] * n_layers
+        self.capacity = capacity
+        self.length = 0
+
+    def extend(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write the new positions' ``k``, ``v`` [B, H, n, Dh] after the ``length`` cached ones; return all
+        keys and values so far. ``length`` advances once every block has written (:meth:`advance`)."""
+        keys, values = self.keys[layer], self.values[layer]
+        if keys is None or values is None:
+            b, h, _, dh = k.shape
+            keys = self.keys[layer] = k.new_zeros(b, h, self.capacity, dh)
+            values = self.values[layer] = v.new_zeros(b, h, self.capacity, dh)
+        end = self.length + k.shape[2]
+        keys[:, :, self.length:end] = k
+        values[:, :, self.length:end] = v
+        return keys[:, :, :end], values[:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+
 class DiTBlock(nn.Module):
     """Pre-norm transformer block with adaLN-zero modulation (6 x dim, zero-initialised)."""
 
@@ -99,14 +128,19 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.adaln.bias)
 
     def forward(self, x: Tensor, c: Tensor, rotary: tuple[Tensor, Tensor], attn_mask: Tensor | None,
-                causal: bool) -> Tensor:
+                causal: bool, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        """``cache``: ``x`` holds the positions after the cached ones, whose keys and values block ``layer``
+        reads from (and appends to) the cache; ``attn_mask`` then covers [n, cached + n]."""
         b, n, d = x.shape
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaln(c)[:, None, :].chunk(6, dim=-1)
 
         h = modulate(self.norm1(x), shift_a, scale_a)
         q, k, v = self.qkv(h).view(b, n, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal and attn_mask is None)
+        if cache is not None:
+            k, v = cache.extend(layer, k, v)
+        is_causal = causal and attn_mask is None and k.shape[2] == n  # with a cache: a mask, or one query
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         attn = attn.transpose(1, 2).reshape(b, n, d)
         x = x + gate_a * F.dropout(self.attn_out(attn), self.dropout, self.training)
 
@@ -158,19 +192,43 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.n_layers))
         self.final = FinalLayer(config)
 
-    def forward(self, input_ids: Tensor, t: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
+    def forward(self, input_ids: Tensor, t: Tensor | None = None, attention_mask: Tensor | None = None,
+                cache: KVCache | None = None) -> Tensor:
+        """Logits [B, n, V] of ``input_ids`` [B, n]; with a ``cache`` (causal models, see :meth:`new_cache`) the
+        ids are the positions after the cached ones, and the cache takes their keys and values."""
         b, n = input_ids.shape
-        if n > self.config.max_seq_len:
-            raise ValueError(f"sequence length {n} exceeds model max_seq_len {self.config.max_seq_len}")
+        start = 0 if cache is None else cache.length
+        if start + n > self.config.max_seq_len:
+            raise ValueError(f"sequence length {start + n} exceeds model max_seq_len {self.config.max_seq_len}")
+        if cache is not None and (not self.causal or attention_mask is not None or start + n > cache.capacity):
+            raise ValueError("a KV cache needs a causal model, no attention_mask and room for "
+                             f"{start + n} positions (capacity {cache.capacity})")
         x = self.embed(input_ids)
         if t is None or not self.config.time_conditioning:
             t = torch.zeros(b, device=input_ids.device)
         c = F.silu(self.time_embed(t))
-        rotary = self.rotary(n, input_ids.device)
-        attn_mask = self._attention_mask(attention_mask, n, input_ids.device)
-        for block in self.blocks:
-            x = block(x, c, rotary, attn_mask, self.causal)
+        rotary = self.rotary(n, input_ids.device, offset=start)
+        if cache is None:
+            attn_mask = self._attention_mask(attention_mask, n, input_ids.device)
+        else:  # query i (position start + i) sees keys 0 .. start + i; one query sees all: no mask
+            attn_mask = None if n == 1 or start == 0 else torch.ones(
+                n, start + n, dtype=torch.bool, device=input_ids.device).tril(diagonal=start)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, c, rotary, attn_mask, self.causal, cache, layer)
+        if cache is not None:
+            cache.advance(n)
         return self.final(x, c)
+
+    def new_cache(self, capacity: int | None = None) -> KVCache:
+        """An empty KV cache for sequences of up to ``capacity`` (default max_seq_len) positions (causal models
+        only); it takes the batch, dtype and device of the first forward pass that fills it."""
+        if not self.causal:
+            raise ValueError("a KV cache is exact only for a causal model: bidirectional keys change with "
+                             "every new token")
+        capacity = capacity or self.config.max_seq_len
+        if not 0 < capacity <= self.config.max_seq_len:
+            raise ValueError(f"cache capacity must be in [1, max_seq_len={self.config.max_seq_len}], got {capacity}")
+        return KVCache(len(self.blocks), capacity)
 
     def _attention_mask(self, attention_mask: Tensor | None, n: int, device: torch.device) -> Tensor | None:
         """Boolean [B, 1, L, L] mask hiding padded keys (and future keys when causal); None if not needed."""

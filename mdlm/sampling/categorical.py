@@ -56,3 +56,8 @@ def top_p_filter(probs: Tensor, top_p: float) -> Tensor:
     keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
     filtered = torch.where(keep, probs, torch.zeros_like(probs))
     return filtered / filtered.sum(dim=-1, keepdim=True)
+
+
+def token_probs(log_probs: Tensor, top_p: float, dtype: torch.dtype) -> Tensor:
+    """What a sampler draws a token from: exp(``log_probs``) in ``dtype``, nucleus-filtered to ``top_p``."""
+    return top_p_filter(log_probs.to(dtype).exp(), top_p)

@@ -1,4 +1,5 @@
-"""Samplers for masked diffusion: ancestral, cached ancestral, first-hitting, semi-autoregressive.
+"""Samplers for masked diffusion: ancestral, cached ancestral, ReMDM remasking, first-hitting,
+semi-autoregressive (confidence-based parallel decoding: :mod:`mdlm.sampling.confidence`).
 
 Every sampler starts from a template z [B, L] holding [MASK] where tokens are to be generated and the
 given tokens elsewhere (a prefix, or the known parts of an infill); given positions never change.
@@ -8,47 +9,43 @@ Ancestral step t -> s (MDLM Eq. 7 with SUBS): a masked position stays masked wit
 (1 - alpha_s) / (1 - alpha_t) and otherwise takes a token drawn from x_theta. It is drawn here in two
 stages (unmask or not, then which token), the same distribution as one categorical over V + 1 outcomes,
 so that a step in which nothing unmasks costs no vocabulary-sized work.
+
+ReMDM (Wang et al. 2025) runs the same loop with a remasking probability sigma_t (``mdlm.diffusion.remdm``):
+a generated token is remasked with probability sigma_t, and a masked one unmasks with
+(alpha_s - (1 - sigma_t) alpha_t) / (1 - alpha_t); sigma_t = 0 is the ancestral step, draw for draw.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from mdlm.config import SAMPLERS
 from mdlm.diffusion.objective import reverse_unmask_prob
+from mdlm.diffusion.remdm import remask_sigma, remdm_unmask_prob
 from mdlm.diffusion.schedules import NoiseSchedule
 from mdlm.rng import uniform
-from mdlm.sampling.categorical import resolve_dtype, sample_categorical, top_p_filter
+from mdlm.sampling.base import Denoise, SampleOutput, StepCallback
+from mdlm.sampling.categorical import resolve_dtype, sample_categorical, token_probs
+from mdlm.sampling.confidence import confidence_sample
 
-Denoise = Callable[[Tensor, Tensor], Tensor]  # (z [B, L], t [B]) -> SUBS log-probs [B, L, V]
-StepCallback = Callable[[int, Tensor], None]  # (step index, current z [B, L])
 # (s, t, log_mass [N]) -> P(unmask) [N] for N masked positions whose denoiser output has total mass
 # exp(log_mass) over real tokens; None: the exact (alpha_s - alpha_t) / (1 - alpha_t) of a normalised x_theta.
 UnmaskRule = Callable[[Tensor, Tensor, Tensor], Tensor]
+RemaskRule = Callable[[Tensor, Tensor], Tensor]  # (s, t) -> sigma_t, ReMDM's remasking probability of the step
 
 __all__ = ["SAMPLERS", "SampleOutput", "ancestral_sample", "first_hitting_sample", "run_sampler",
            "semi_autoregressive_sample"]
-
-
-@dataclass
-class SampleOutput:
-    tokens: Tensor  # [B, L]
-    num_forward_passes: int
-
-
-def _token_probs(log_probs: Tensor, top_p: float, dtype: torch.dtype) -> Tensor:
-    return top_p_filter(log_probs.to(dtype).exp(), top_p)
 
 
 @torch.no_grad()
 def ancestral_sample(denoise: Denoise, z: Tensor, schedule: NoiseSchedule, mask_id: int, *, steps: int,
                      cache: bool = False, top_p: float = 1.0, dtype: str | torch.dtype = torch.float64,
                      generator: torch.Generator | None = None, callback: StepCallback | None = None,
-                     unmask_rule: UnmaskRule | None = None) -> SampleOutput:
+                     unmask_rule: UnmaskRule | None = None, remask: RemaskRule | None = None) -> SampleOutput:
     """Ancestral sampling on the uniform grid t_i = 1 - i / steps, ending at t = 0 with nothing masked.
 
     ``denoise`` may return unnormalised log-weights over the real tokens (SEDD's scores, D3PM's x~ without its
@@ -59,11 +56,20 @@ def ancestral_sample(denoise: Denoise, z: Tensor, schedule: NoiseSchedule, mask_
     where x_theta depends on z alone) and recomputes only the rows that changed: the same draws as without
     it under one seed, and per row at most min(steps, number of masked tokens) forward computations, however
     many other rows share the batch.
+
+    ``remask`` (ReMDM) gives sigma_t for each step: every generated position (masked in the template) that is
+    not masked at t is remasked with probability sigma_t, read from the same uniform draw that decides a masked
+    position's unmasking (each position is one or the other), so ``remask`` returning 0 draws exactly what the
+    ancestral sampler draws. Given positions are never remasked; the loop runs every step (a remasked token
+    unmasks again later), and a step in which nothing is masked costs no forward pass.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if remask is not None and unmask_rule is not None:
+        raise ValueError("remasking applies to MDLM's reverse step; it cannot be combined with an unmask_rule")
     dtype = resolve_dtype(dtype)
     z = z.clone()
+    generated = z == mask_id  # the positions a sampler may change (remasking never touches the others)
     batch = z.shape[0]
     times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     log_probs: Tensor | None = None
@@ -71,19 +77,28 @@ def ancestral_sample(denoise: Denoise, z: Tensor, schedule: NoiseSchedule, mask_
     passes = 0
     for i in range(steps):
         masked = z == mask_id
-        if not masked.any():
+        any_masked = bool(masked.any())
+        if not any_masked and remask is None:
             break
         t, s = times[i], times[i + 1]
-        if not cache or log_probs is None or bool(stale.all()):
+        if not any_masked:
+            pass  # only remasking can happen: x_theta is not needed this step
+        elif not cache or log_probs is None or bool(stale.all()):
             log_probs = denoise(z, t.expand(batch).to(z.device, torch.float32))
             passes += 1
+            stale.zero_()
         elif stale.any():
             rows = stale.nonzero().squeeze(1)
             log_probs[rows] = denoise(z[rows], t.expand(rows.numel()).to(z.device, torch.float32))
             passes += 1
-        stale.zero_()
+            stale.zero_()
         draws = uniform(tuple(z.shape), dtype=dtype, device=z.device, generator=generator)
-        if unmask_rule is None:
+        remasked = None
+        if remask is not None:
+            sigma = remask(s, t)
+            unmask = masked & (draws < remdm_unmask_prob(schedule, s, t, sigma).item())
+            remasked = generated & ~masked & (draws < sigma.item())
+        elif unmask_rule is None:
             unmask = masked & (draws < reverse_unmask_prob(schedule, s, t).item())
         else:
             p_unmask = unmask_rule(s, t, torch.logsumexp(log_probs[masked].double(), dim=-1))
@@ -91,9 +106,12 @@ def ancestral_sample(denoise: Denoise, z: Tensor, schedule: NoiseSchedule, mask_
             unmask[masked] = draws[masked] < p_unmask.to(draws.dtype)
         if unmask.any():
             # Only the positions that unmask need their distribution in sampling precision.
-            z[unmask] = sample_categorical(_token_probs(log_probs[unmask], top_p, dtype), dtype=dtype,
+            z[unmask] = sample_categorical(token_probs(log_probs[unmask], top_p, dtype), dtype=dtype,
                                            generator=generator)
             stale |= unmask.any(dim=1)  # these rows changed: their cached x_theta is out of date
+        if remasked is not None and remasked.any():
+            z[remasked] = mask_id
+            stale |= remasked.any(dim=1)
         if callback is not None:
             callback(i, z)
     return SampleOutput(tokens=z, num_forward_passes=passes)
@@ -131,7 +149,7 @@ def first_hitting_sample(denoise: Denoise, z: Tensor, schedule: NoiseSchedule, m
         log_probs = denoise(z[rows], s.float())
         passes += 1
         picked = log_probs[torch.arange(rows.numel(), device=z.device), position]
-        z[rows, position] = sample_categorical(_token_probs(picked, top_p, dtype), dtype=dtype, generator=generator)
+        z[rows, position] = sample_categorical(token_probs(picked, top_p, dtype), dtype=dtype, generator=generator)
         if callback is not None:
             callback(passes - 1, z)
     return SampleOutput(tokens=z, num_forward_passes=passes)
@@ -140,10 +158,14 @@ def first_hitting_sample(denoise: Denoise, z: Tensor, schedule: NoiseSchedule, m
 def run_sampler(name: str, denoise: Denoise, z: Tensor, schedule: NoiseSchedule, mask_id: int, *, steps: int,
                 top_p: float = 1.0, dtype: str | torch.dtype = torch.float64,
                 generator: torch.Generator | None = None, callback: StepCallback | None = None,
-                allow_cache: bool = True, unmask_rule: UnmaskRule | None = None) -> SampleOutput:
-    """Dispatch to a sampler by name: 'ancestral', 'cached' (ancestral with reuse), or 'first_hitting';
-    ``unmask_rule`` (see :func:`ancestral_sample`) applies to the ancestral two ('euler' is SEDD's rule, chosen by
-    the model, on the ancestral loop)."""
+                allow_cache: bool = True, unmask_rule: UnmaskRule | None = None,
+                confidence_threshold: float = 0.9, tokens_per_step: int | None = None,
+                remask_schedule: str = "cap", remask_eta: float = 0.01) -> SampleOutput:
+    """Dispatch to a sampler by name: 'ancestral', 'cached' (ancestral with reuse), 'first_hitting', 'remdm'
+    (ancestral with ReMDM remasking, sigma_t from ``remask_schedule`` and ``remask_eta``; reuses x_theta like
+    'cached' when ``allow_cache``), 'confidence' (``confidence_threshold``) or 'confidence_k'
+    (``tokens_per_step``, else ceil(masked / steps)). ``unmask_rule`` (see :func:`ancestral_sample`) applies to
+    the ancestral two ('euler' is SEDD's rule, chosen by the model, on the ancestral loop)."""
     if name == "first_hitting":
         return first_hitting_sample(denoise, z, schedule, mask_id, top_p=top_p, dtype=dtype, generator=generator,
                                     callback=callback)
@@ -151,6 +173,18 @@ def run_sampler(name: str, denoise: Denoise, z: Tensor, schedule: NoiseSchedule,
         return ancestral_sample(denoise, z, schedule, mask_id, steps=steps, cache=name == "cached" and allow_cache,
                                 top_p=top_p, dtype=dtype, generator=generator, callback=callback,
                                 unmask_rule=unmask_rule)
+    if name == "remdm":
+        remask_sigma(schedule, torch.zeros((), dtype=torch.float64), torch.ones((), dtype=torch.float64),
+                     kind=remask_schedule, eta=remask_eta)  # check the settings before any work
+        return ancestral_sample(denoise, z, schedule, mask_id, steps=steps, cache=allow_cache, top_p=top_p,
+                                dtype=dtype, generator=generator, callback=callback,
+                                remask=functools.partial(remask_sigma, schedule, kind=remask_schedule,
+                                                         eta=remask_eta))
+    if name in ("confidence", "confidence_k"):
+        threshold = confidence_threshold if name == "confidence" else None
+        return confidence_sample(denoise, z, schedule, mask_id, threshold=threshold,
+                                 tokens_per_step=tokens_per_step, steps=steps, top_p=top_p, dtype=dtype,
+                                 generator=generator, callback=callback)
     raise ValueError(f"unknown sampler {name!r}; available: {', '.join(SAMPLERS)}")
 
 
