@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mdlm.config import load_config
 from mdlm.data.spec import DataSpec
+from mdlm.output import setup_output
 from mdlm.train.launcher import fit
 from mdlm.train.spec import WorkerSpec
 
@@ -42,6 +43,7 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    setup_output(verbose=True)  # the progress lines (mdlm loggers), and all of Ray's output as before
     if args.smoke:
         preset, vocab, block, batch = "cpu-ray", 1024, 64, 8
         base = ["run.use_gpu=false", "run.cpus_per_worker=0.5"]

@@ -29,6 +29,7 @@ import argparse
 import csv
 import io
 import json
+import logging
 import math
 import os
 import sys
@@ -117,6 +118,15 @@ def log(message: str) -> None:
     print(f"[reproduce] {message}", flush=True)
 
 
+def _show_data_log() -> None:
+    """The data pipeline's messages (``mdlm.data`` logger) as this script's own lines; evaluation's stay quiet."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("[reproduce] %(message)s"))
+    data_logger = logging.getLogger("mdlm.data")
+    data_logger.handlers = [handler]
+    data_logger.setLevel(logging.INFO)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Data
 
@@ -126,10 +136,11 @@ def prepare(config: Config, work: Path) -> tuple[Manifest, Manifest]:
     from mdlm.data.pipeline import prepare_dataset
 
     data = replace(config.data, output_dir=str(work / "data" / "shakespeare"))
-    main = prepare_dataset(data, progress=False, log=log)
+    _show_data_log()
+    main = prepare_dataset(data, progress=False)
     zero = replace(config.data, source="/usr/share/common-licenses/*", format="text", tokenizer=main.tokenizer_path,
                    validation_fraction=0.0, test_fraction=0.9, output_dir=str(work / "data" / "licenses"))
-    return main, prepare_dataset(zero, progress=False, log=log)
+    return main, prepare_dataset(zero, progress=False)
 
 
 def rows(manifest: Manifest, split: str, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,7 +253,7 @@ def invariance(model_dir: Path, data_dir: Path, size: Size, seed: int, runs_dir:
                               nelbo=NelboSettings(split="validation", mc_samples=size.mc_samples, seed=seed,
                                                   max_rows=size.invariance_rows, batch_size=batch,
                                                   num_actors=actors))
-        corpus = run_evaluation(request, log=lambda _: None).to_dict()["corpora"]
+        corpus = run_evaluation(request).to_dict()["corpora"]
         summary = next(iter(corpus.values()))
         out.append({"actors": actors, "batch_size": batch, "nelbo": summary["nelbo"], "se": summary["se"]})
     return out

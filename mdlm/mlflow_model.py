@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
+import pandas as pd
 
 from mdlm.hub import MLFLOW_MODEL_ARTIFACT as ARTIFACT
 from mdlm.hub import TOKENIZER_NAME
+from mdlm.output import mlflow_notices
 from mdlm.tracking import fluent_tracking_uri
 
 CODE_FILE = Path(__file__).with_name("mlflow_model_code.py")
@@ -59,7 +61,9 @@ class GeneratePyfunc(mlflow.pyfunc.PythonModel):
         self.model = load_pretrained(context.artifacts[ARTIFACT])
         self.model.eval()
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
+    # The signature (a string column) makes MLflow hand ``predict`` a DataFrame; annotated so, MLflow neither warns
+    # that the hint is missing nor adds a type-hint validation of its own.
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
         model = self.model
         params = dict(params or {})
         steps = int(params.get("steps", 128))
@@ -121,7 +125,8 @@ def log_pyfunc_model(tracking_uri: str, run_id: str, export_dir: str | os.PathLi
                                model_id=info.model_id)
         version = None
         if registered_name:
-            version = mlflow.register_model(info.model_uri, registered_name).version
+            with mlflow_notices():  # "Successfully registered model ...": with MLflow's INFO records only
+                version = mlflow.register_model(info.model_uri, registered_name).version
             if alias:
                 MlflowClient(tracking_uri).set_registered_model_alias(registered_name, alias, version)
     return {"model_uri": info.model_uri, "model_id": info.model_id,

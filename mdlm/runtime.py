@@ -5,20 +5,25 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from mdlm import output
+
 
 def init_ray(num_cpus: int | None = None) -> bool:
     """Connect to ``RAY_ADDRESS`` when set (``ray job submit`` sets it; ``RAY_ADDRESS=auto`` joins a cluster
     started with ``ray start``), else start a new local Ray (never silently joining a cluster that ``ray start``
     left running on this machine); nothing if Ray is already initialised.
+    What reaches this process's console follows :mod:`mdlm.output` (quiet: workers' output stays in Ray's log files).
     Returns whether this call started (or connected) Ray."""
     import ray
 
     if ray.is_initialized():
         return False
+    output.quiet_ray_loggers()
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
+        ray.init(address=os.environ["RAY_ADDRESS"], **output.ray_init_options())
     else:
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False)
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
+                 **output.ray_init_options())
     return True
 
 

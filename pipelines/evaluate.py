@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mdlm.cli import add_verbose_flag
 from mdlm.config import load_config
+from mdlm.output import setup_output
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default="runs", help="local MLflow store when MLFLOW_TRACKING_URI is unset")
     p.add_argument("--experiment", default="mdlm-eval", help="MLflow experiment when no training run is known")
     p.add_argument("--run-name", help="MLflow run name")
+    add_verbose_flag(p)
     return p
 
 
@@ -77,6 +80,7 @@ def _values(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, object
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    setup_output(verbose=args.verbose)
     from mdlm.eval import EvalInputError
     from mdlm.eval.report import format_summary
     from mdlm.eval.run import run_evaluation

@@ -4,6 +4,7 @@
     python pipelines/prepare_data.py data.source='corpus/*.jsonl' data.tokenizer=gpt2 data.block_size=1024
     python pipelines/prepare_data.py --preset lm1b-small data.source=hf:lm1b data.output_dir=data/lm1b
     python pipelines/prepare_data.py --force                       # re-prepare even if up to date
+    python pipelines/prepare_data.py --verbose                     # also Ray Data's own progress and logs
 
 Writes data.output_dir: train/, validation/, test/ parquet files, tokenizer.json and manifest.json.
 """
@@ -19,18 +20,20 @@ from mdlm.config import ConfigError
 from mdlm.data.manifest import ManifestError
 from mdlm.data.pipeline import prepare_dataset
 from mdlm.data.sources import DataError
+from mdlm.output import setup_output
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = config_parser(__doc__, default_preset="cpu")
     parser.add_argument("--force", action="store_true", help="re-prepare even if the output is up to date")
     args = parser.parse_args(argv)
+    setup_output(verbose=args.verbose)
     config = load_config_or_exit(args.preset, args.overrides)
     # A plain kill (SIGTERM) unwinds like Ctrl-C, so the temporary output directory is removed.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     start = time.perf_counter()
     try:
-        manifest = prepare_dataset(config.data, force=args.force or config.data.force, log=print)
+        manifest = prepare_dataset(config.data, force=args.force or config.data.force)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 
 from mdlm.cli import config_parser, load_config_or_exit
+from mdlm.output import setup_output
 from mdlm.quickstart import run_quickstart
 
 
@@ -18,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default="runs/quickstart/model", help="where to write the exported model")
     parser.add_argument("--prompt", action="append", help="prompt to continue (repeatable)")
     args = parser.parse_args(argv)
+    setup_output(verbose=args.verbose)
     config = load_config_or_exit(args.preset, args.overrides)
     run_quickstart(config, args.output, prompts=tuple(args.prompt or ["ROMEO.\n"]))
     return 0

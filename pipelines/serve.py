@@ -17,7 +17,9 @@ import signal
 import sys
 import time
 
+from mdlm.cli import add_verbose_flag
 from mdlm.config import ConfigError, parse_override
+from mdlm.output import setup_output
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="model directory, fsspec URL, models:/NAME@ALIAS or runs:/ID/model")
     parser.add_argument("--name", default="mdlm", help="Serve application name")
     parser.add_argument("--detach", action="store_true", help="deploy and exit (the cluster keeps serving)")
+    add_verbose_flag(parser)
     args = parser.parse_args(argv)
+    setup_output(verbose=args.verbose)
 
     from mdlm.serve.app import build_app
     from mdlm.serve.settings import serve_config_from_dict

@@ -6,6 +6,7 @@
     ray job submit --working-dir . -- python pipelines/train.py run.name=demo
     python pipelines/train.py run.name=demo                     # same name again: resumes
     python pipelines/train.py --resume-from runs/ray/demo/checkpoint_...
+    python pipelines/train.py --verbose                         # also Ray's, Ray Data's and MLflow's own output
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from __future__ import annotations
 import sys
 
 from mdlm.cli import config_parser, load_config_or_exit
+from mdlm.output import setup_output
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = config_parser(__doc__, default_preset="cpu-ray")
     parser.add_argument("--resume-from", help="checkpoint directory to start from (if the run has none of its own)")
     args = parser.parse_args(argv)
+    setup_output(verbose=args.verbose)
     overrides = list(args.overrides) + ([f"run.resume_from={args.resume_from}"] if args.resume_from else [])
     config = load_config_or_exit(args.preset, overrides)
 
@@ -28,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
         result = train(config)
     except TrainingError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if exc.ray_logs:
+            print(f"  Ray logs:     {exc.ray_logs}", file=sys.stderr)
         return 1
     for i, text in enumerate(result.samples):
         print(f"--- sample {i} ---\n{text.strip()}")
@@ -38,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  model:        {result.export_dir}  (mdlm.load_pretrained)")
     print(f"  checkpoint:   {result.checkpoint}")
     print(f"  MLflow UI:    {mlflow_ui_command(result.tracking_uri)}")
+    if result.ray_logs:
+        print(f"  Ray logs:     {result.ray_logs}")
     return 0
 
 

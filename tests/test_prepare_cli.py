@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -88,6 +89,17 @@ def test_prepare_then_reuse_then_force(tmp_path, corpus):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "prepared"]
 
 
+class _Records(logging.Handler):
+    """Keeps every record it is given."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 @pytest.mark.ray
 def test_default_preparation_is_where_the_main_job_reads(tmp_path, monkeypatch):
     """``python pipelines/prepare_data.py`` with no arguments prepares the corpus the main job
@@ -100,6 +112,14 @@ def test_default_preparation_is_where_the_main_job_reads(tmp_path, monkeypatch):
     expected = tmp_path / load_config("cpu-ray").data.output_dir
     assert f"{expected.relative_to(tmp_path)}: written in" in result.stdout
     monkeypatch.chdir(tmp_path)
-    said: list[str] = []
-    manifest = load_data(load_config("cpu-ray"), log=said.append)
-    assert said == [] and Path(manifest.root).resolve() == expected.resolve()
+    said, logger = _Records(), logging.getLogger("mdlm")
+    level = logger.level
+    logger.addHandler(said)
+    logger.setLevel(logging.DEBUG)
+    try:
+        manifest = load_data(load_config("cpu-ray"))
+    finally:
+        logger.removeHandler(said)
+        logger.setLevel(level)
+    assert [r.getMessage() for r in said.records] == []  # nothing prepared a second time
+    assert Path(manifest.root).resolve() == expected.resolve()

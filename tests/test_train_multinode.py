@@ -46,6 +46,7 @@ def test_prepare_and_evaluate_on_three_one_cpu_nodes(ray_cluster, tmp_path):
     """Actor shares planned per node: on three 1-CPU nodes the tokenizer and evaluation actor pools take a share
     that leaves each node room for read tasks, so both finish (with shares from the cluster's total, 0.83-CPU
     actors filled every node and the 0.25-CPU read tasks fit nowhere: nothing progressed or failed)."""
+    import logging
     import signal
     from dataclasses import replace
 
@@ -69,8 +70,17 @@ def test_prepare_and_evaluate_on_three_one_cpu_nodes(ray_cluster, tmp_path):
                                      "data.validation_fraction=0.3", "model.n_layers=1", "model.hidden_size=32",
                                      "model.n_heads=2", "model.cond_dim=16"])
         said: list[str] = []
-        manifest = prepare_dataset(replace(config.data, output_dir=str(tmp_path / "data")), progress=False,
-                                   log=said.append)
+        handler = logging.Handler(logging.INFO)
+        handler.emit = lambda record: said.append(record.getMessage())
+        pipeline_logger = logging.getLogger("mdlm.data.pipeline")
+        pipeline_logger.addHandler(handler)
+        level = pipeline_logger.level
+        pipeline_logger.setLevel(logging.INFO)
+        try:
+            manifest = prepare_dataset(replace(config.data, output_dir=str(tmp_path / "data")), progress=False)
+        finally:
+            pipeline_logger.removeHandler(handler)
+            pipeline_logger.setLevel(level)
         assert "tokenizing with 3 actors x 0.75 CPU" in " ".join(said)
         assert manifest.rows("train") > 0 and manifest.rows("validation") > 0
         model = build_model(resolve_model_config(config.model, manifest.data_spec()), config.noise,
@@ -79,7 +89,7 @@ def test_prepare_and_evaluate_on_three_one_cpu_nodes(ray_cluster, tmp_path):
         request = EvalRequest(model=str(tmp_path / "model"), data=[str(tmp_path / "data")], mlflow=False,
                               runs_dir=str(tmp_path / "runs"),
                               nelbo=NelboSettings(split="validation", max_rows=48, batch_size=16, num_actors=3))
-        corpus = next(iter(run_evaluation(request, log=lambda _: None).to_dict()["corpora"].values()))
+        corpus = next(iter(run_evaluation(request).to_dict()["corpora"].values()))
         assert corpus["num_tokens"] > 0 and 0 < corpus["nelbo"] < 10
     finally:
         signal.alarm(0)

@@ -25,7 +25,7 @@ column and are raised on the driver as :class:`~mdlm.data.sources.DataError` wit
 
 ``tokenizer=bpe`` is trained first, by a pass over the training documents only. A rerun with the same
 inputs (config, source file names, sizes and times, tokenizer, format version: the fingerprint) returns the
-existing dataset unless ``force``.
+existing dataset unless ``force``. What it does is logged to ``logging.getLogger("mdlm.data.pipeline")``.
 """
 
 from __future__ import annotations
@@ -35,9 +35,10 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -72,6 +73,8 @@ READ_TASK_BYTES = 8 * 2**20
 MAX_READ_TASKS = 1000
 # Settings that change how the work runs, not what it produces: left out of the fingerprint.
 EXECUTION_FIELDS = ("output_dir", "num_workers", "batch_size", "force")
+
+logger = logging.getLogger(__name__)
 
 _DOC_SCHEMA = pa.schema([("text", pa.large_string()), ("split", pa.string()), ("file", pa.int32()),
                          ("doc", pa.int64()), ("error", pa.string())])
@@ -224,15 +227,13 @@ def _check_output_dir(out: Path) -> None:
                         "remove it or choose another directory")
 
 
-def prepare_dataset(config: DataConfig, *, force: bool | None = None, progress: bool = True,
-                    log: Callable[[str], None] | None = None) -> Manifest:
+def prepare_dataset(config: DataConfig, *, force: bool | None = None, progress: bool = True) -> Manifest:
     """Prepare ``config.source`` into ``config.output_dir`` (train/validation/test parquet, tokenizer.json and
     the Hugging Face tokenizer files beside it, manifest.json) and return its :class:`Manifest`; reuse an
     identical earlier output unless ``force``.
 
     Bad input raises :class:`DataError` (bad settings: ``ConfigError``; both ``ValueError``) and leaves
     nothing behind."""
-    log = log or (lambda message: None)
     start = time.perf_counter()
     timings: dict[str, float] = {}
     config.validate("data")
@@ -248,7 +249,7 @@ def prepare_dataset(config: DataConfig, *, force: bool | None = None, progress: 
         with contextlib.suppress(FileNotFoundError, ManifestError):
             existing = load_manifest(out)
             if existing.fingerprint == digest:
-                log(f"reusing {out} (same inputs and config, fingerprint {digest}); --force re-prepares it")
+                logger.info(f"reusing {out} (same inputs and config, fingerprint {digest}); --force re-prepares it")
                 existing.reused = True
                 return existing
     _check_output_dir(out)
@@ -258,13 +259,13 @@ def prepare_dataset(config: DataConfig, *, force: bool | None = None, progress: 
 
     created = next((p for p in [out.parent, *out.parent.parents][::-1] if not p.exists()), None)
     described = source.describe()
-    log(f"reading {config.source}: " + (f"{described['rows']:,} rows" if source.kind == "hf" else
-                                        f"{described['files']} files, {described['bytes'] / 2**20:.1f} MB"))
+    logger.info(f"reading {config.source}: " + (f"{described['rows']:,} rows" if source.kind == "hf" else
+                                                f"{described['files']} files, {described['bytes'] / 2**20:.1f} MB"))
     started = init_ray()
     try:
         with atomic_dir(out) as tmp, _data_context(progress):
             if tokenizer is None:
-                log(f"training a byte-level BPE of {config.tokenizer_vocab_size} tokens on the training split")
+                logger.info(f"training a byte-level BPE of {config.tokenizer_vocab_size} tokens on the training split")
                 tokenizer = _train_tokenizer(source, config)
                 special = special_tokens_for(tokenizer, config.tokenizer)
             save_tokenizer(tokenizer, tmp, special.role_ids(), model_max_length=config.block_size)
@@ -280,16 +281,16 @@ def prepare_dataset(config: DataConfig, *, force: bool | None = None, progress: 
                 compute=ActorPoolStrategy(size=workers), num_cpus=actor_cpus,
                 fn_constructor_kwargs={"tokenizer": tokenizer_arg, "packing": config.packing,
                                        "block_size": config.block_size, "special": special})
-            log(f"tokenizing with {workers} actors x {actor_cpus} CPU, packing '{config.packing}' into "
-                f"{config.block_size}-token rows")
+            logger.info(f"tokenizing with {workers} actors x {actor_cpus} CPU, packing '{config.packing}' into "
+                        f"{config.block_size}-token rows")
             stream = tokenized.iter_batches(batch_size=None, batch_format="pyarrow")
             timings["tokenize_start"] = time.perf_counter()
             splits = pack_and_write(stream, config, special, tmp, check_order=source.kind != "hf", timings=timings)
             check_train_split(config, splits["train"].documents, splits["train"].rows)
             for split, fraction in (("validation", config.validation_fraction), ("test", config.test_fraction)):
                 if fraction > 0 and not splits[split].rows:
-                    log(f"warning: the {split} split is empty (data.{split}_fraction={fraction} of "
-                        f"{sum(i.documents for i in splits.values())} documents)")
+                    logger.warning(f"the {split} split is empty (data.{split}_fraction={fraction} of "
+                                   f"{sum(i.documents for i in splits.values())} documents)")
             manifest = Manifest(
                 format_version=FORMAT_VERSION, fingerprint=digest, source=described, tokenizer=config.tokenizer,
                 tokenizer_file=TOKENIZER_FILE, vocab_size=special.vocab_size, mask_token_id=special.mask_id,

@@ -2,12 +2,14 @@
 
     results = run_evaluation(EvalRequest(model="models:/mdlm@current", data=["data/prepared/..."]))
     results.to_dict()   # the results JSON (also written to request.output and logged to MLflow)
+
+What it runs is logged to ``logging.getLogger("mdlm.eval.run")``.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from mdlm.config import KIND_SAMPLERS
@@ -18,6 +20,8 @@ from mdlm.eval.results import CorpusResult, EvalResults, GenResult
 from mdlm.eval.settings import EvalRequest
 from mdlm.storage import is_mlflow_uri
 from mdlm.tracking import default_tracking_uri, fluent_tracking_uri
+
+logger = logging.getLogger(__name__)
 
 
 def prepare(request: EvalRequest) -> tuple[ModelInfo, list[Corpus], Path | None]:
@@ -53,7 +57,7 @@ def prepare(request: EvalRequest) -> tuple[ModelInfo, list[Corpus], Path | None]
     return model, corpora, evaluator_dir
 
 
-def run_evaluation(request: EvalRequest, log: Callable[[str], None] = print) -> EvalResults:
+def run_evaluation(request: EvalRequest) -> EvalResults:
     """Run the whole evaluation; returns the results (also written to ``request.output`` and logged to MLflow).
 
     Bad input raises :class:`~mdlm.eval.EvalInputError` before anything is written or any MLflow run is
@@ -62,10 +66,10 @@ def run_evaluation(request: EvalRequest, log: Callable[[str], None] = print) -> 
     uses_mlflow = request.mlflow or is_mlflow_uri(request.model) or is_mlflow_uri(request.gen.evaluator or "")
     tracking_uri = default_tracking_uri(request.runs_dir) if uses_mlflow else None  # as the training launcher
     with fluent_tracking_uri(tracking_uri):
-        return _run_evaluation(request, tracking_uri, log)
+        return _run_evaluation(request, tracking_uri)
 
 
-def _run_evaluation(request: EvalRequest, tracking_uri: str | None, log: Callable[[str], None]) -> EvalResults:
+def _run_evaluation(request: EvalRequest, tracking_uri: str | None) -> EvalResults:
     import ray
 
     from mdlm.eval.generation import generation_job
@@ -87,13 +91,13 @@ def _run_evaluation(request: EvalRequest, tracking_uri: str | None, log: Callabl
         ray.data.DataContext.get_current().enable_progress_bars = False
         model_ref = ray.put(read_dir_files(model.local_dir))
         if corpora:
-            log(f"evaluating {', '.join(f'{c.name} ({c.rows:,} rows)' for c in corpora)}: split "
-                f"{request.nelbo.split}, K={request.nelbo.mc_samples}, {request.nelbo.num_actors} actor(s) max")
+            logger.info(f"evaluating {', '.join(f'{c.name} ({c.rows:,} rows)' for c in corpora)}: split "
+                        f"{request.nelbo.split}, K={request.nelbo.mc_samples}, {request.nelbo.num_actors} actor(s) max")
             start = time.perf_counter()
             corpus_results = nelbo_job(model_ref, corpora, request.nelbo)
             timings["nelbo"] = round(time.perf_counter() - start, 3)
         if evaluator_dir is not None:
-            log(f"generating {request.gen.num_samples} samples, scoring them with {request.gen.evaluator}")
+            logger.info(f"generating {request.gen.num_samples} samples, scoring them with {request.gen.evaluator}")
             start = time.perf_counter()
             evaluator_ref = ray.put(read_dir_files(evaluator_dir))
             gen_result = generation_job(model_ref, evaluator_ref, request.gen, request.nelbo)

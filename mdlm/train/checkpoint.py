@@ -9,6 +9,7 @@ scheduler, RNG seeds, config), written last by rank 0: a directory without it is
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,9 +27,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from mdlm.storage import absolute
-from mdlm.train.console import log_line
 from mdlm.train.ema import EMA
 
+logger = logging.getLogger(__name__)
 STATE_FILE = "train_state.json"
 
 
@@ -148,11 +149,11 @@ def restore_checkpoint(candidates: list[Any], model: torch.nn.Module, optimizer:
         try:
             with checkpoint.as_directory() as path:
                 if not is_complete(path):
-                    log_line(f"[mdlm] skipping incomplete checkpoint {checkpoint.path}")
+                    logger.warning(f"skipping incomplete checkpoint {checkpoint.path}")
                     continue
                 return load_checkpoint(path, model, optimizer, scheduler, ema), checkpoint.path
         except (Exception, dcp.CheckpointException) as exc:  # DCP raises CheckpointException, a BaseException
-            log_line(f"[mdlm] checkpoint {checkpoint.path} could not be loaded ({exc}); trying an older one")
+            logger.warning(f"checkpoint {checkpoint.path} could not be loaded ({exc}); trying an older one")
             failures.append(f"{checkpoint.path}: {type(exc).__name__}")
     if failures:
         raise RuntimeError("no checkpoint could be loaded (delete the broken ones, or start over with a new "

@@ -6,12 +6,14 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
 
 from mdlm.train.checkpoint import TrainProgress
 
 
-class Collate:
-    """Ray Data numpy batch (list columns) -> LongTensors [B, L] on ``device``."""
+class Collate(NumpyBatchCollateFn):
+    """Ray Data numpy batch (list columns) -> LongTensors [B, L] on ``device``. A ``NumpyBatchCollateFn``, so
+    ``iter_torch_batches`` hands it numpy batches (as it did plain functions, which Ray 2.47 deprecated)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device

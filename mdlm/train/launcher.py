@@ -4,12 +4,14 @@
 one started with ``ray start``), else starts a local one; prepares the default corpus if its manifest is
 missing; creates or continues the MLflow run; runs ``train_loop_per_worker`` on ``run.num_workers`` workers;
 and returns where to look. Resubmitting the same ``run.name`` with the same ``run.storage_path`` resumes from
-the latest checkpoint.
+the latest checkpoint. Its stages, and the workers' progress lines (:mod:`mdlm.train.console`), are logged to
+``logging.getLogger("mdlm.train.launcher")`` / ``"mdlm.train.loop"``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,16 +19,23 @@ from typing import Any
 
 import yaml
 
-from mdlm import tracking
-from mdlm.config import DIFFUSION_KINDS, Config, ConfigError
+from mdlm import output, tracking
+from mdlm.config import DIFFUSION_KINDS, Config, ConfigError, RunConfig
 from mdlm.data.sources import DEFAULT_CORPUS
 from mdlm.runtime import init_ray
 from mdlm.storage import absolute, is_url, join
 from mdlm.train.spec import WorkerSpec
 
+logger = logging.getLogger(__name__)
+
 
 class TrainingError(RuntimeError):
-    """Training stopped without a usable result (the message says why)."""
+    """Training stopped without a usable result (the message says why; ``ray_logs``: where the workers' logs are,
+    when they ran)."""
+
+    def __init__(self, message: str, ray_logs: str | None = None) -> None:
+        super().__init__(message)
+        self.ray_logs = ray_logs
 
 
 @dataclass
@@ -38,6 +47,7 @@ class TrainResult:
     checkpoint: str | None
     metrics: dict[str, Any] = field(default_factory=dict)
     samples: list[str] = field(default_factory=list)
+    ray_logs: str | None = None  # this node's Ray session logs (workers' output, Ray Train, Ray Data)
 
 
 def _runs_root(config: Config) -> Path:
@@ -46,7 +56,7 @@ def _runs_root(config: Config) -> Path:
     return Path(storage).absolute().parent if not is_url(storage) else Path("runs").absolute()
 
 
-def load_data(config: Config, log=print):
+def load_data(config: Config):
     """The manifest of the prepared data; the default corpus is prepared on first use."""
     from mdlm.data.manifest import load_manifest
 
@@ -70,11 +80,11 @@ def load_data(config: Config, log=print):
                                 f"{wanted}; prepare it again (or point data.output_dir elsewhere):\n"
                                 f"  {command} --force")
         return manifest
-    log(f"preparing the default corpus into {manifest_dir} (first run only)")
+    logger.info(f"preparing the default corpus into {manifest_dir} (first run only)")
     from mdlm.data.pipeline import prepare_dataset
 
     try:
-        return prepare_dataset(config.data, log=log)
+        return prepare_dataset(config.data)
     except ValueError as exc:  # DataError / ConfigError: bad input, nothing was written
         raise TrainingError(str(exc)) from None
 
@@ -88,16 +98,16 @@ def registered_model_name(config: Config) -> str | None:
     return name
 
 
-def train(config: Config, log=print) -> TrainResult:
+def train(config: Config) -> TrainResult:
     """Run (or resume) a distributed training run described by ``config``."""
     import ray
 
     config.validate()
     run = config.run
     if run.use_gpu and config.training.precision != "bf16":
-        log("note: training on GPU in fp32; set training.precision=bf16 for mixed precision")
+        logger.info("note: training on GPU in fp32; set training.precision=bf16 for mixed precision")
     init_ray()
-    manifest = load_data(config, log)
+    manifest = load_data(config)
     data = manifest.data_spec()
     if config.model.kind in DIFFUSION_KINDS and data.mask_token_id is None:
         raise TrainingError("the prepared data has no [MASK] token id")
@@ -107,7 +117,7 @@ def train(config: Config, log=print) -> TrainResult:
     tracking_uri = tracking.default_tracking_uri(runs_root)
     experiment_id = tracking.ensure_experiment(tracking_uri, run.mlflow_experiment, runs_root / "mlartifacts")
     run_id, resumed = tracking.find_or_create_run(tracking_uri, experiment_id, run.name, storage, config.flat())
-    log(f"MLflow run {run_id} ({'continued' if resumed else 'new'}) in {tracking_uri}")
+    logger.info(f"MLflow run {run_id} ({'continued' if resumed else 'new'}) in {tracking_uri}")
     if not resumed:
         _log_run_files(tracking_uri, run_id, config, manifest)
 
@@ -120,28 +130,34 @@ def train(config: Config, log=print) -> TrainResult:
     if spec.has_validation:  # every worker reads the same first eval_batches micro-batches
         rows = run.eval_batches * config.training.micro_batch_size
         datasets["validation"] = ray.data.read_parquet(manifest.split_files("validation")).limit(rows)
+    training = config.training
+    logger.info(f"training on {run.num_workers} Ray Train workers ({_worker_resources(run)}) for "
+                f"{training.max_steps} steps of {training.global_batch_size} x {data.block_size} tokens")
     try:
         result = fit(spec, datasets)
     except Exception as exc:
         tracking.finish_run(tracking_uri, run_id, "FAILED")
-        raise TrainingError(f"training failed: {exc}") from exc
+        raise TrainingError(f"training failed: {exc}", output.ray_logs_dir()) from exc
     metrics = dict(result.metrics or {})
     stopped = metrics.get("stopped") or tracking.get_tag(tracking_uri, run_id, tracking.STOPPED_TAG)
     if stopped:
         tracking.finish_run(tracking_uri, run_id, "FAILED")
         checkpoint = result.checkpoint.path if result.checkpoint else None
-        raise TrainingError(f"training stopped: {stopped}; the last good checkpoint is {checkpoint}")
+        raise TrainingError(f"training stopped: {stopped}; the last good checkpoint is {checkpoint}",
+                            output.ray_logs_dir())
     out = TrainResult(run_name=run.name, mlflow_run_id=run_id, tracking_uri=tracking_uri, export_dir=spec.export_dir,
-                      checkpoint=result.checkpoint.path if result.checkpoint else None, metrics=metrics)
+                      checkpoint=result.checkpoint.path if result.checkpoint else None, metrics=metrics,
+                      ray_logs=output.ray_logs_dir())
     if not is_url(spec.export_dir) and Path(spec.export_dir, "config.json").is_file():
-        register_export(config, tracking_uri, run_id, spec.export_dir, log, metrics=metrics)
+        logger.info(f"exported the model to {spec.export_dir}")
+        register_export(config, tracking_uri, run_id, spec.export_dir, metrics=metrics)
         out.samples = _samples(config, spec.export_dir)
         _log_text(tracking_uri, run_id, "samples.txt", "\n\n---\n\n".join(out.samples))
     tracking.finish_run(tracking_uri, run_id)
     return out
 
 
-def register_export(config: Config, tracking_uri: str, run_id: str, export_dir: str, log=print,
+def register_export(config: Config, tracking_uri: str, run_id: str, export_dir: str,
                     metrics: dict[str, float] | None = None) -> str | None:
     """Log the exported model directory as the run's MLflow pyfunc model ``model`` (a LoggedModel carrying the
     run's final ``metrics``) and, unless ``run.registered_model`` is null, register it with ``run.model_alias``;
@@ -153,35 +169,44 @@ def register_export(config: Config, tracking_uri: str, run_id: str, export_dir: 
     logged = log_pyfunc_model(tracking_uri, run_id, export_dir, sampling=asdict(config.sampling), metrics=final,
                               registered_name=name, alias=config.run.model_alias)
     if not name:
-        log(f"logged the MLflow model {logged['model_uri']}")
+        logger.info(f"logged the MLflow model {logged['model_uri']}")
         return None
-    log(f"registered models:/{name}@{config.run.model_alias} (version {logged['version']})")
+    logger.info(f"registered models:/{name}@{config.run.model_alias} (version {logged['version']})")
     return logged["version"]
 
 
 def fit(spec: WorkerSpec, datasets: dict[str, Any]):
-    """Run ``train_loop_per_worker(spec)`` under a Ray Train ``TorchTrainer``; return Ray's ``Result``."""
+    """Run ``train_loop_per_worker(spec)`` under a Ray Train ``TorchTrainer``; return Ray's ``Result``. Rank 0's
+    log records are logged here as they come (:func:`mdlm.train.console.relay`)."""
     import ray
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from mdlm.train import console
+
     run = spec.config.run
     storage = absolute(run.storage_path)
     resources = {"CPU": run.cpus_per_worker, **({"GPU": 1} if run.use_gpu else {})}
     execution = ray.data.ExecutionOptions(preserve_order=True)  # deterministic order for a given shard
-    trainer = TorchTrainer(
-        train_loop_per_worker=_entry,
-        train_loop_config={"spec": spec},
-        scaling_config=ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu,
-                                     resources_per_worker=resources, placement_strategy=run.placement_strategy),
-        run_config=RunConfig(name=run.name, storage_path=storage,
-                             checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints),
-                             failure_config=FailureConfig(max_failures=run.max_failures)),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=execution),
-    )
-    return trainer.fit()
+    with console.relay() as channel:
+        trainer = TorchTrainer(
+            train_loop_per_worker=_entry,
+            train_loop_config={"spec": spec, "console": channel},
+            scaling_config=ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu,
+                                         resources_per_worker=resources, placement_strategy=run.placement_strategy),
+            run_config=RunConfig(name=run.name, storage_path=storage,
+                                 checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints),
+                                 failure_config=FailureConfig(max_failures=run.max_failures)),
+            datasets=datasets,
+            dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=execution),
+        )
+        return trainer.fit()
+
+
+def _worker_resources(run: RunConfig) -> str:
+    """``0.5 CPU each, PACK``: what each Ray Train worker holds, and how they are placed."""
+    return f"{run.cpus_per_worker:g} CPU{' + 1 GPU' if run.use_gpu else ''} each, {run.placement_strategy}"
 
 
 def _entry(payload: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ measured with the EMA weights and the unsharded model is exported; the driver re
 from __future__ import annotations
 
 import contextlib
+import logging
 import tempfile
 from typing import Any
 
@@ -20,17 +21,20 @@ from mdlm.eval.metrics import safe_exp
 from mdlm.model_card import ModelCardInfo
 from mdlm.modeling import build_model
 from mdlm.tracking import STOPPED_TAG, MetricBuffer, set_tag, system_metrics
+from mdlm.train import console
 from mdlm.train.checkpoint import checkpoint_candidates, restore_checkpoint, save_checkpoint
-from mdlm.train.console import log_line
 from mdlm.train.ema import EMA
 from mdlm.train.export import export_model
 from mdlm.train.ingest import BatchStream, first_batches
 from mdlm.train.mfu import StepThroughput, matmul_flops_per_token, measure_matmul_ceiling
 from mdlm.train.optim import build_optimizer, build_scheduler
 from mdlm.train.parallelize import ParallelPlan, parallelize
+from mdlm.train.progress import ProgressClock, progress_line
 from mdlm.train.spec import WorkerSpec
 from mdlm.train.step import NonFiniteLoss, StepSettings, train_step
 from mdlm.train.validate import validate
+
+logger = logging.getLogger(__name__)
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -40,7 +44,7 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 
 
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
-    """Ray Train entry point; ``payload = {"spec": WorkerSpec}``."""
+    """Ray Train entry point; ``payload = {"spec": WorkerSpec, "console": the driver's channel or None}``."""
     import ray.train
     import ray.train.torch
 
@@ -48,6 +52,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     config = spec.config
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    console.attach(payload.get("console"), rank)
     device = ray.train.torch.get_device()
     training, run = config.training, config.run
     if run.threads_per_worker:
@@ -73,7 +78,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     progress, restored_from = restore_checkpoint(checkpoint_candidates(ray.train.get_checkpoint(), run.resume_from),
                                                  model, optimizer, scheduler, ema)
     if restored_from and rank == 0:
-        log_line(f"[mdlm] resumed from {restored_from} at step {progress.step}")
+        logger.info(f"resumed from {restored_from} at step {progress.step}")
 
     micro = training.micro_batch_size
     if training.global_batch_size % (micro * world):
@@ -92,6 +97,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     noise_generator = torch.Generator(device=device)
     # Device work still queued when a step ends is paid by the next step's loss sync.
     throughput = StepThroughput()
+    clock = ProgressClock(training.max_steps)
     last_report: dict[str, Any] = {}
     stop_reason = None
 
@@ -124,6 +130,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                 raise RuntimeError(f"injected failure at step {progress.step} (run.fail_at_step)")
 
             tokens_per_s = throughput.stop(result.tokens * world)
+            eta = clock.eta(progress.step)
             metrics = {"loss": result.loss, "grad_norm": result.grad_norm, "lr": scheduler.get_last_lr()[0],
                        "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops_per_token / peak,
                        "tokens_seen": float(progress.tokens_seen), "epoch": float(progress.epoch)}
@@ -135,8 +142,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             if progress.step % training.log_every == 0 or progress.step == training.max_steps:
                 metrics_buffer.add(progress.step, metrics)
                 if rank == 0:
-                    log_line(f"[mdlm] step {progress.step:>6}  loss {result.loss:.4f}  lr {metrics['lr']:.2e}  "
-                             f"{tokens_per_s:,.0f} tok/s  mfu {metrics['mfu']:.3f}")
+                    logger.info(progress_line(progress.step, training.max_steps, result.loss, metrics["lr"],
+                                              tokens_per_s, metrics["mfu"], eta))
             last_report = {"step": progress.step, **metrics}
             if progress.step % run.checkpoint_every == 0 and progress.step < training.max_steps:
                 checkpoint_and_report(last_report)
@@ -145,7 +152,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             metrics_buffer.flush()
             if run_id is not None:
                 set_tag(tracking_uri, run_id, STOPPED_TAG, stop_reason)
-            log_line(f"[mdlm] stopping: {stop_reason}; the last checkpoint is kept")
+            if rank == 0:
+                logger.warning(f"stopping: {stop_reason}; the last checkpoint is kept")
             report({"step": progress.step, "stopped": stop_reason})
             return
         final = dict(last_report)
