@@ -77,12 +77,14 @@ def test_console_handler_prints_plain_lines(capsys):
     handler = output.ConsoleHandler()
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    logger.propagate = False  # an entry point run in-process earlier may have put a handler on "mdlm" already
     try:
         logger.info("MLflow run abc (new)")
         logger.warning("the validation split is empty")
         logger.debug("not shown")
     finally:
         logger.removeHandler(handler)
+        logger.propagate = True
     captured = capsys.readouterr()
     assert captured.out == "MLflow run abc (new)\n"
     assert captured.err == "warning: the validation split is empty\n"
