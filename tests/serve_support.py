@@ -41,6 +41,11 @@ def make_model_dir(path: Path, kind: str = "mdlm", max_seq_len: int = 32, seed: 
     return path
 
 
+def make_model_dirs(root: Path) -> dict[str, Path]:
+    """An MDLM and an AR model directory under ``root`` (the two applications the service tests serve)."""
+    return {"mdlm": make_model_dir(root / "mdlm"), "ar": make_model_dir(root / "ar", kind="ar")}
+
+
 # Request limits of the served test apps (small, so that the tests can cross each one).
 LIMITS = {"num_cpus": 0.5, "max_num_samples": 8, "max_steps": 500, "max_prompt_chars": 200, "max_texts": 4,
           "max_mc_samples": 16, "max_body_bytes": 4096, "max_batch_size": 16, "batch_wait_timeout_s": 0.2}

@@ -15,15 +15,14 @@ import torch
 
 from mdlm.eval.metrics import row_seed
 from mdlm.modeling import load_pretrained
-from tests.serve_support import LIMITS, make_model_dir, running_service
+from tests.serve_support import LIMITS, make_model_dirs, running_service
 
 pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("served")
-    return {"mdlm": make_model_dir(root / "mdlm"), "ar": make_model_dir(root / "ar", kind="ar")}
+    return make_model_dirs(tmp_path_factory.mktemp("served"))
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import requests
 from tokenizers import Tokenizer
 
 from mdlm.serve.openai_api import truncate_at_stop
-from tests.serve_support import LIMITS, make_model_dir, running_service
+from tests.serve_support import LIMITS, make_model_dirs, running_service
 
 pytestmark = pytest.mark.ray
 
@@ -21,8 +21,7 @@ EXTRA = {"steps": 8, "sampler": "ancestral"}  # the service's extension fields, 
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("served")
-    return {"mdlm": make_model_dir(root / "mdlm"), "ar": make_model_dir(root / "ar", kind="ar")}
+    return make_model_dirs(tmp_path_factory.mktemp("served"))
 
 
 @pytest.fixture(scope="module")
