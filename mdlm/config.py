@@ -1,6 +1,9 @@
 """One typed config tree for every mdlm entry point.
 
-``Config`` holds five sections (model, noise, training, sampling, data). A run's config is built from
+``Config`` holds the sections a training run uses (model, noise, training, sampling, data, run) and those of the
+other commands: ``eval`` (``mdlm evaluate``, :class:`mdlm.eval.settings.EvalRequest`), ``generate``
+(``mdlm generate``) and ``serve`` (``mdlm serve``, :class:`mdlm.serve.settings.ServeConfig`, a pydantic model
+that Ray Serve's typed application builder also validates). A command's config is built from
 the defaults below, then a YAML preset (``cpu``, ``tiny``, ``small``, ``medium`` ... or a file), then
 ``a.b=value`` overrides from the command line. Unknown keys and wrongly typed values raise
 ``ConfigError`` naming the key.
@@ -19,28 +22,32 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel
+
+from mdlm.config_base import (
+    DIFFUSION_KINDS,
+    KIND_SAMPLERS,
+    MODEL_KINDS,
+    REMASK_SCHEDULES,
+    SAMPLERS,
+    ConfigError,
+    ModelKind,
+    RemaskSchedule,
+    SamplerName,
+    ScheduleName,
+    model_from_dict,
+)
+from mdlm.eval import EvalInputError
+from mdlm.eval.settings import DEFAULT_MODEL, EvalRequest
+from mdlm.serve.settings import ServeConfig
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
-ScheduleName = Literal["loglinear", "linear", "cosine", "cosinesqr", "geometric"]
-ModelKind = Literal["mdlm", "sedd", "d3pm", "ar"]
-MODEL_KINDS: tuple[str, ...] = typing.get_args(ModelKind)
-DIFFUSION_KINDS = ("mdlm", "sedd", "d3pm")  # masked diffusion models: a [MASK] token, a noise schedule, samplers
-SamplerName = Literal["ancestral", "cached", "first_hitting", "euler", "confidence", "confidence_k", "remdm"]
-SAMPLERS: tuple[str, ...] = typing.get_args(SamplerName)  # the diffusion samplers (mdlm.sampling)
-# Which samplers each kind takes: 'euler' is SEDD's Euler step; D3PM's model may keep a position masked, which
-# the first-hitting sampler (exact for MDLM's process) does not allow for. 'confidence' / 'confidence_k'
-# (parallel decoding) and 'remdm' (remasking, derived from MDLM's SUBS posterior) are MDLM's.
-KIND_SAMPLERS: dict[str, tuple[str, ...]] = {"mdlm": ("ancestral", "cached", "first_hitting", "confidence",
-                                                      "confidence_k", "remdm"),
-                                             "sedd": ("ancestral", "cached", "first_hitting", "euler"),
-                                             "d3pm": ("ancestral", "cached")}
-RemaskSchedule = Literal["cap", "rescale"]  # ReMDM's sigma_t schedules (mdlm.diffusion.remdm)
-REMASK_SCHEDULES: tuple[str, ...] = typing.get_args(RemaskSchedule)
-
-
-class ConfigError(ValueError):
-    """A config key, value or file is invalid; the message names it."""
+# The shared names live in mdlm.config_base (no mdlm imports there, so sections defined elsewhere can use them).
+__all__ = ["DIFFUSION_KINDS", "KIND_SAMPLERS", "MODEL_KINDS", "REMASK_SCHEDULES", "SAMPLERS", "Config", "ConfigError",
+           "DataConfig", "EvalRequest", "GenerateConfig", "ModelConfig", "ModelKind", "NoiseConfig",
+           "RemaskSchedule", "RunConfig", "SamplerName", "SamplingConfig", "ScheduleName", "ServeConfig",
+           "TrainingConfig", "load_config"]
 
 
 @dataclass
@@ -303,6 +310,26 @@ class RunConfig:
 
 
 @dataclass
+class GenerateConfig:
+    """``mdlm generate``: which model to sample from and what to continue; how is the ``sampling`` section."""
+
+    model: str = DEFAULT_MODEL  # dir, fsspec URL, models:/NAME@ALIAS or runs:/ID/model
+    prompts: list[str] = field(default_factory=list)  # each continued sampling.num_samples times; []: unconditional
+    device: Literal["cpu", "cuda"] = "cpu"
+    output: str | None = None  # also write the samples to this JSON file
+
+    def validate(self, prefix: str = "generate") -> None:
+        if not self.model.strip():
+            raise ConfigError(f"{prefix}.model: may not be empty")
+        if self.output is not None and not self.output.strip():
+            raise ConfigError(f"{prefix}.output: may not be empty (leave it unset to only print)")
+
+
+# The sections that shape a training run: its MLflow params (Config.flat) and what a resumed run must match.
+TRAINING_SECTIONS = ("model", "noise", "training", "sampling", "data", "run")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
@@ -310,10 +337,17 @@ class Config:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalRequest = field(default_factory=EvalRequest)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)  # validated when built (pydantic)
 
     def validate(self) -> Config:
-        for f in fields(self):
-            getattr(self, f.name).validate(f.name)
+        for name in (*TRAINING_SECTIONS, "generate"):
+            getattr(self, name).validate(name)
+        try:
+            self.eval.validate_settings()
+        except EvalInputError as exc:
+            raise ConfigError(exc.describe(f"eval.{exc.field}")) from None
         kind = self.model.kind
         if kind == "sedd" and self.noise.time != "continuous":
             raise ConfigError("noise.time: SEDD's score-entropy bound is continuous in time (model.kind=sedd)")
@@ -337,12 +371,17 @@ class Config:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Every section as plain data (YAML- and JSON-safe)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
 
     def flat(self) -> dict[str, Any]:
-        """``{'model.hidden_size': 512, ...}``, e.g. for experiment-tracker params."""
-        return {f"{section}.{key}": value for section, values in self.to_dict().items()
-                for key, value in values.items()}
+        """``{'model.hidden_size': 512, ...}`` for the training sections, e.g. for experiment-tracker params."""
+        return {f"{section}.{key}": value for section in TRAINING_SECTIONS
+                for key, value in _plain(getattr(self, section)).items()}
+
+
+def _plain(section: Any) -> dict[str, Any]:
+    return section.model_dump() if isinstance(section, BaseModel) else asdict(section)
 
 
 def check_positive(obj: Any, prefix: str, *names: str) -> None:
@@ -361,6 +400,13 @@ def check_positive(obj: Any, prefix: str, *names: str) -> None:
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Return ``value`` as ``annotation`` or raise ConfigError naming ``key``."""
     origin = typing.get_origin(annotation)
+    if origin is list:
+        if isinstance(value, str):  # `eval.data=DIR` on a command line: one item
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(annotation)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is Literal:
         choices = typing.get_args(annotation)
         if value not in choices:
@@ -421,6 +467,8 @@ def _section_from_dict(cls: type, data: dict[str, Any], prefix: str, base: Any =
             raise ConfigError(f"unknown config key '{full}'" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
         if dataclasses.is_dataclass(hints[key]):
             values[key] = _section_from_dict(hints[key], value, full, values.get(key))
+        elif isinstance(hints[key], type) and issubclass(hints[key], BaseModel):
+            values[key] = model_from_dict(hints[key], value, full, values.get(key))
         else:
             values[key] = _coerce(value, hints[key], full)
     return cls(**values)

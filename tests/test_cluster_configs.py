@@ -105,8 +105,11 @@ def pipeline_commands() -> list[tuple[str, str, list[str]]]:
 
 
 def script_parser(script: Path):
-    """The script's CLI: mdlm.cli.config_parser with its default preset plus the options the script adds."""
-    source = script.read_text()
+    """The script's CLI: mdlm.cli.config_parser with its command's default preset plus the options it adds (the
+    script runs ``main`` of an ``mdlm.commands`` module)."""
+    command = re.search(r"from mdlm\.commands\.(\w+) import main", script.read_text())
+    assert command, f"{script}: does not run an mdlm.commands module"
+    source = (ROOT / "mdlm" / "commands" / f"{command.group(1)}.py").read_text()
     preset = re.search(r'default_preset="([^"]+)"', source)
     assert preset, f"{script}: no default_preset in config_parser(...)"
     parser = config_parser(None, preset.group(1))

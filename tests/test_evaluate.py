@@ -17,7 +17,8 @@ import torch
 from tokenizers import Tokenizer
 
 from mdlm import tracking
-from mdlm.config import DataConfig, model_config_for
+from mdlm.commands import evaluate as cli
+from mdlm.config import ConfigError, DataConfig, load_config, model_config_for
 from mdlm.data.pipeline import prepare_dataset
 from mdlm.data.sources import shakespeare_documents
 from mdlm.data.tokenizer import train_bpe
@@ -31,16 +32,6 @@ from mdlm.eval.settings import EvalRequest, GenSettings, NelboSettings
 from mdlm.modeling import MDLM, ARModel, load_pretrained
 from tests.conftest import perturb_
 
-
-def _load_cli():
-    path = Path(__file__).resolve().parents[1] / "pipelines" / "evaluate.py"
-    spec = importlib.util.spec_from_file_location("mdlm_pipelines_evaluate", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cli = _load_cli()
 pytestmark = pytest.mark.ray
 
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
@@ -127,44 +118,48 @@ def test_nelbo_job_equals_the_library_in_process(world, one_actor):
 
 def _bad(capsys, tmp_path, *args: str) -> str:
     out = tmp_path / "bad.json"
-    code = cli.main([*args, "--output", str(out), "--no-mlflow"])
+    try:
+        code = cli.main([*args, f"eval.output={out}", "eval.mlflow=false"])
+    except SystemExit as exc:  # a config error: the command exits as a script does
+        code = exc.code
     err = capsys.readouterr().err
     assert code == 2, err
     assert not out.exists() and not list(tmp_path.glob(".bad.json*"))
-    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert err.startswith(("error: ", "config error: ")) and err.count("\n") == 1, err
     return err
 
 
 def test_cli_bad_input_exits_2_naming_the_field(world, registry, tmp_path, capsys, monkeypatch):
     root = world["root"]
-    model, data = ["--model", str(root / "mdlm")], ["--data", str(root / "a")]
-    assert "--model" in _bad(capsys, tmp_path, "--model", str(tmp_path / "nope"), *data)
-    err = _bad(capsys, tmp_path, *model, "--data", str(tmp_path / "missing"))
-    assert "--data" in err and "prepare_data.py" in err
-    assert "--mc-samples" in _bad(capsys, tmp_path, *model, *data, "--mc-samples", "0")
-    err = _bad(capsys, tmp_path, *model, *data, "--split", "dev")
-    assert "--split" in err and "'dev'" in err
-    assert "--evaluator" in _bad(capsys, tmp_path, *model, *data, "--gen-samples", "2")
-    err = _bad(capsys, tmp_path, *model, *data, "--gen-samples", "2", "--evaluator", str(root / "mdlm"))
-    assert "--evaluator" in err and "masked diffusion" in err
-    assert "--sampler" in _bad(capsys, tmp_path, *model, *data, "--gen-samples", "2", "--evaluator",
-                               str(root / "ar"), "--sampler", "greedy")
+    model, data = [f"eval.model={root / 'mdlm'}"], [f"eval.data=[{root / 'a'}]"]
+    assert "eval.model" in _bad(capsys, tmp_path, f"eval.model={tmp_path / 'nope'}", *data)
+    err = _bad(capsys, tmp_path, *model, f"eval.data={tmp_path / 'missing'}")
+    assert "eval.data" in err and "prepare_data.py" in err
+    assert "eval.nelbo.mc_samples" in _bad(capsys, tmp_path, *model, *data, "eval.nelbo.mc_samples=0")
+    err = _bad(capsys, tmp_path, *model, *data, "eval.nelbo.split=dev")
+    assert "eval.nelbo.split" in err and "'dev'" in err
+    assert "eval.gen.evaluator" in _bad(capsys, tmp_path, *model, *data, "eval.gen.num_samples=2")
+    err = _bad(capsys, tmp_path, *model, *data, "eval.gen.num_samples=2", f"eval.gen.evaluator={root / 'mdlm'}")
+    assert "eval.gen.evaluator" in err and "masked diffusion" in err
+    assert "eval.gen.sampler" in _bad(capsys, tmp_path, *model, *data, "eval.gen.num_samples=2",
+                                      f"eval.gen.evaluator={root / 'ar'}", "eval.gen.sampler=greedy")
+    assert "unknown config key 'eval.nelbo.mc_sample'" in _bad(capsys, tmp_path, *model, "eval.nelbo.mc_sample=2")
     # A model trained with another tokenizer of the same size, and one of another size.
     other = train_bpe([" ".join(f"An entirely different corpus of words, number {i}." for i in range(400))], 300)
     assert other.get_vocab_size() == 300  # the same size (save_pretrained refuses a tokenizer of another one)
     config = load_pretrained(root / "mdlm").config
     MDLM(config, tokenizer=other).save_pretrained(tmp_path / "other-tok")
-    err = _bad(capsys, tmp_path, "--model", str(tmp_path / "other-tok"), *data)
-    assert "--data" in err and "differs" in err and str(tmp_path / "other-tok") in err
+    err = _bad(capsys, tmp_path, f"eval.model={tmp_path / 'other-tok'}", *data)
+    assert "eval.data" in err and "differs" in err and str(tmp_path / "other-tok") in err
     MDLM(model_config_for("cpu", vocab_size=310, mask_token_id=309, max_seq_len=32)).save_pretrained(tmp_path / "v")
-    err = _bad(capsys, tmp_path, "--model", str(tmp_path / "v"), *data)
+    err = _bad(capsys, tmp_path, f"eval.model={tmp_path / 'v'}", *data)
     assert "300 tokens" in err and "310" in err
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registry["uri"])
-    assert "--model models:/no-such-model@current" in _bad(capsys, tmp_path, "--model",
-                                                             "models:/no-such-model@current", *data)
+    assert "eval.model models:/no-such-model@current" in _bad(capsys, tmp_path,
+                                                              "eval.model=models:/no-such-model@current", *data)
 
 
-def test_library_errors_name_settings_fields_and_the_cli_maps_them_to_flags():
+def test_library_errors_name_settings_fields_and_the_config_tree_names_them_under_eval():
     cases = [(EvalRequest(model=" "), "model"), (EvalRequest(model="m"), "data"),
              (EvalRequest(model="m", data=["d"], nelbo=NelboSettings(mc_samples=0)), "nelbo.mc_samples"),
              (EvalRequest(model="m", data=["d"], nelbo=NelboSettings(num_actors=0)), "nelbo.num_actors"),
@@ -176,9 +171,20 @@ def test_library_errors_name_settings_fields_and_the_cli_maps_them_to_flags():
         with pytest.raises(EvalInputError) as info:
             request.validate()
         assert isinstance(info.value, ValueError) and info.value.field == field
-        assert str(info.value).startswith(f"{field}: ") and "--" not in str(info.value), str(info.value)
-        assert cli.FLAGS[field].startswith("--") and info.value.describe(cli.FLAGS[field]).startswith(cli.FLAGS[field])
-    assert cli.FLAGS["gen.batch_size"] == "--gen-batch-size" and cli.FLAGS["nelbo.batch_size"] == "--batch-size"
+        assert str(info.value).startswith(f"{field}: "), str(info.value)
+    # The settings checks run when the config tree is loaded, named by their key in the tree.
+    for override, key in [("eval.nelbo.mc_samples=0", "eval.nelbo.mc_samples"),
+                          ("eval.gen.num_samples=2", "eval.gen.evaluator"),
+                          ("eval.nelbo.device=tpu", "eval.nelbo.device"),
+                          ("eval.model=' '", "eval.model"), ("eval.data=3", "eval.data")]:
+        with pytest.raises(ConfigError) as info:
+            load_config("cpu-ray", [override])
+        assert str(info.value).startswith(f"{key}: "), str(info.value)
+    config = load_config("cpu-ray", ["eval.data=[a, other=b]", "eval.nelbo.mc_samples=4", "eval.gen.seed=3"])
+    assert config.eval.data == ["a", "other=b"] and config.eval.nelbo.mc_samples == 4 and config.eval.gen.seed == 3
+    assert load_config("cpu-ray", ["eval.data=a"]).eval.data == ["a"]  # one directory needs no brackets
+    assert load_config("cpu-ray").eval.data is None  # `mdlm evaluate` then takes the preset's data.output_dir
+    assert "eval.nelbo.mc_samples" not in load_config("cpu-ray").flat()  # not a training run's parameter
 
 
 def _hf_or_ar_evaluator(world, tmp_path) -> Path:
@@ -194,11 +200,12 @@ def test_cli_end_to_end_two_actors_zero_shot_generation_and_mlflow(world, regist
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registry["uri"])
     evaluator = _hf_or_ar_evaluator(world, tmp_path)
     out = tmp_path / "results" / "eval.json"
-    code = cli.main(["--model", "models:/mdlm-eval-test@current", "--data", str(world["root"] / "a"),
-                     "--data", f"other={world['root'] / 'b'}", "--mc-samples", "2", "--max-rows", str(ROWS),
-                     "--batch-size", str(BATCH), "--num-actors", "2", "--seed", str(SEED), "--gen-samples", "5",
-                     "--gen-length", "24", "--gen-steps", "6", "--gen-batch-size", "2", "--gen-seed", "1",
-                     "--evaluator", str(evaluator), "--output", str(out), "--runs-dir", str(tmp_path / "runs")])
+    code = cli.main(["eval.model=models:/mdlm-eval-test@current", f"eval.data=[{world['root'] / 'a'}, "
+                     f"other={world['root'] / 'b'}]", "eval.nelbo.mc_samples=2", f"eval.nelbo.max_rows={ROWS}",
+                     f"eval.nelbo.batch_size={BATCH}", "eval.nelbo.num_actors=2", f"eval.nelbo.seed={SEED}",
+                     "eval.gen.num_samples=5", "eval.gen.length=24", "eval.gen.steps=6", "eval.gen.batch_size=2",
+                     "eval.gen.seed=1", f"eval.gen.evaluator={evaluator}", f"eval.output={out}",
+                     f"eval.runs_dir={tmp_path / 'runs'}"])
     printed = capsys.readouterr().out
     assert code == 0
     results = json.loads(out.read_text())
@@ -266,9 +273,9 @@ def test_mlflow_training_run_lookup_and_standalone_evaluation_run(registry, tmp_
     assert report.find_training_run(str(tmp_path / "model"), uri, run_id).experiment_id == registry["experiment"]
     with pytest.raises(EvalInputError, match="run_id 0123abcd: no such MLflow run") as info:
         report.find_training_run("models:/mdlm-eval-test@current", uri, "0123abcd")
-    # The library names the field; the CLI prints it as its flag.
+    # The library names the field; the command prints it as its key in the config tree.
     assert info.value.field == "run_id"
-    assert info.value.describe(cli.FLAGS[info.value.field]).startswith("--run-id 0123abcd: no such MLflow run")
+    assert info.value.describe("eval.run_id").startswith("eval.run_id 0123abcd: no such MLflow run")
     # A plain model path and no run id: its own experiment, with an artifact location under the runs folder.
     summary = summarize_nelbo([[30.0], [36.0], [33.0]], [10, 12, 11])
     results = {"model": {"uri": str(tmp_path / "model"), "model_type": "ar"}, "settings": {"split": "test"},

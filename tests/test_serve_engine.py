@@ -22,8 +22,14 @@ def engine(tmp_path_factory):
 def test_settings_reject_unknown_keys_and_parse_serve_run_strings():
     with pytest.raises(ConfigError, match="max_batch_sise"):
         serve_config_from_dict({"model": "m", "max_batch_sise": 4})
-    with pytest.raises(ConfigError, match="model: required"):
-        serve_config_from_dict({})
+    with pytest.raises(ConfigError, match="model: String should have at least 1 character"):
+        serve_config_from_dict({"model": ""})
+    assert serve_config_from_dict({}).model == "models:/mdlm@current"  # what the main job registers
+    with pytest.raises(ConfigError, match="max_length: Input should be greater than 0, got '-1'"):
+        serve_config_from_dict({"max_length": "-1"})
+    assert serve_config_from_dict({"max_length": "null"}).max_length is None  # `max_length=null` on a command line
+    with pytest.raises(ConfigError, match="min_replicas 5 exceeds max_replicas 4"):
+        serve_config_from_dict({"min_replicas": 5})
     with pytest.raises(ConfigError, match="max_steps"):
         serve_config_from_dict({"model": "m", "max_steps": "many"})
     settings = serve_config_from_dict({"model": "m", "max_batch_size": "32", "batch_wait_timeout_s": "0.1",
@@ -33,6 +39,24 @@ def test_settings_reject_unknown_keys_and_parse_serve_run_strings():
     assert options["max_ongoing_requests"] >= settings.max_batch_size
     assert options["autoscaling_config"]["max_replicas"] == settings.max_replicas and "num_replicas" not in options
     assert settings.host == "127.0.0.1"
+
+
+def test_serve_typed_builder_validates_args_with_the_settings_model():
+    """``serve run mdlm.serve.app:build_app k=v`` and a Serve config's ``args`` go through Serve's own typed-builder
+    path: the builder's annotation is the pydantic model, which coerces the strings and rejects bad keys."""
+    from pydantic import ValidationError
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    from mdlm.serve.app import build_app
+    from mdlm.serve.settings import ServeConfig
+
+    with pytest.raises(ValidationError, match="max_batch_sise"):
+        call_user_app_builder_with_args_if_necessary(build_app, {"model": "models:/m@a", "max_batch_sise": "4"})
+    app = call_user_app_builder_with_args_if_necessary(build_app, {"model": "models:/m@a", "max_batch_size": "32",
+                                                                   "num_replicas": "2"})
+    deployment = app._bound_deployment
+    assert deployment.num_replicas == 2 and deployment.max_ongoing_requests == 2 * 32 + 8
+    assert ServeConfig.model_validate(deployment.init_args[0]).max_batch_size == 32
 
 
 def test_compatible_jobs_share_one_sampler_call_and_keep_their_own_prompts(engine):

@@ -1,5 +1,5 @@
 """Evaluation of trained models: test NELBO with its standard error, zero-shot NELBO on other prepared corpora,
-and generative perplexity with sample entropy (``pipelines/evaluate.py``).
+and generative perplexity with sample entropy (``mdlm evaluate``).
 
 - :mod:`mdlm.eval.metrics`: pure metric functions (``sequence_nll``, ``summarize_nelbo``, ``unigram_entropy``,
   ``generative_perplexity``).

@@ -7,13 +7,13 @@ path or URI at fault.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mdlm.config import DIFFUSION_KINDS, ConfigError, ModelConfig
 from mdlm.eval import EvalInputError
+from mdlm.eval.settings import parse_data_spec
 from mdlm.hub import TOKENIZER_NAME, WEIGHTS_NAME, read_model_config, resolve_model_dir
 
 
@@ -61,14 +61,6 @@ class Corpus:
     manifest: Any  # Manifest
     split: str
     rows: int  # rows to evaluate (max_rows applied)
-
-
-def parse_data_spec(spec: str) -> tuple[str, str]:
-    """``NAME=DIR`` or ``DIR`` (named after its folder) -> (name, dir)."""
-    name, sep, path = spec.partition("=")
-    if sep and name and "/" not in name and os.sep not in name:
-        return name, path
-    return Path(spec.rstrip("/")).name or spec, spec
 
 
 def open_corpus(spec: str, split: str, max_rows: int | None = None) -> Corpus:

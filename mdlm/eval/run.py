@@ -31,7 +31,7 @@ def prepare(request: EvalRequest) -> tuple[ModelInfo, list[Corpus], Path | None]
 
     request.validate()
     model = inspect_model(request.model)  # models:/ and runs:/ resolve against tracking_uri (run_evaluation)
-    corpora = [open_corpus(spec, request.nelbo.split, request.nelbo.max_rows) for spec in request.data]
+    corpora = [open_corpus(spec, request.nelbo.split, request.nelbo.max_rows) for spec in request.data or []]
     for corpus in corpora:
         check_compatible(model, corpus)
         split_files(corpus)  # columns and row counts of the parquet files

@@ -1,16 +1,30 @@
 """What an evaluation asks for: the NELBO job, generation, and the whole request, with their validation.
 
+``EvalRequest`` is also the ``eval`` section of the config tree (``mdlm evaluate eval.nelbo.mc_samples=4``).
 Errors are :class:`~mdlm.eval.EvalInputError` naming the request field (``nelbo.mc_samples``, ``gen.top_p``,
-``data``...), never a CLI flag.
+``data``...); the config tree reports them as ``eval.<field>``. Only ``mdlm.eval`` and ``mdlm.config_base`` are
+imported here, so :mod:`mdlm.config` can hold these sections.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mdlm.config_base import SAMPLERS
 from mdlm.eval import EvalInputError
-from mdlm.eval.inputs import parse_data_spec
+
+DEFAULT_MODEL = "models:/mdlm@current"  # what the main job registers
+DEFAULT_RESULTS = "runs/eval/results.json"  # where `mdlm evaluate` writes the results JSON unless eval.output says
+
+
+def parse_data_spec(spec: str) -> tuple[str, str]:
+    """``NAME=DIR`` or ``DIR`` (named after its folder) -> (name, dir)."""
+    name, sep, path = spec.partition("=")
+    if sep and name and "/" not in name and os.sep not in name:
+        return name, path
+    return Path(spec.rstrip("/")).name or spec, spec
 
 
 @dataclass
@@ -62,8 +76,6 @@ class GenSettings:
     evaluator_stride: int | None = None  # None: half the context
 
     def validate(self) -> None:
-        from mdlm.sampling.samplers import SAMPLERS
-
         if self.num_samples < 0:
             raise EvalInputError("gen.num_samples", f"must be >= 0, got {self.num_samples}")
         if not self.num_samples:
@@ -94,10 +106,12 @@ class GenSettings:
 
 @dataclass
 class EvalRequest:
-    """Everything an evaluation asks for (``pipelines/evaluate.py`` builds one from its flags)."""
+    """Everything an evaluation asks for (``mdlm evaluate`` takes it from the config tree's ``eval`` section)."""
 
-    model: str
-    data: list[str] = field(default_factory=list)  # first: the model's own corpus; others: zero-shot
+    model: str = DEFAULT_MODEL
+    # Prepared directories ([NAME=]DIR): the first is the model's own corpus (test_*), the others zero-shot.
+    # None: `mdlm evaluate` uses the config's data.output_dir (the main job's corpus); []: generation only.
+    data: list[str] | None = None
     nelbo: NelboSettings = field(default_factory=NelboSettings)
     gen: GenSettings = field(default_factory=GenSettings)
     output: str | None = None  # results JSON
@@ -107,13 +121,17 @@ class EvalRequest:
     experiment: str = "mdlm-eval"  # used when no training run is known
     run_name: str | None = None
 
-    def validate(self) -> None:
+    def validate_settings(self) -> None:
+        """The checks that need neither the file system nor the corpus list (the config tree runs these)."""
         if not str(self.model).strip():
             raise EvalInputError("model", "may not be empty")
-        if not self.data and not self.gen.num_samples:
-            raise EvalInputError("data", "nothing to evaluate (no data directory and gen.num_samples 0)")
         self.nelbo.validate()
         self.gen.validate()
+
+    def validate(self) -> None:
+        self.validate_settings()
+        if not self.data and not self.gen.num_samples:
+            raise EvalInputError("data", "nothing to evaluate (no data directory and gen.num_samples 0)")
         names = [parse_data_spec(spec)[0] for spec in self.data]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:

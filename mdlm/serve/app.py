@@ -1,7 +1,7 @@
 """The Ray Serve application: FastAPI ingress, dynamic batching, streaming and the denoising page.
 
     serve run mdlm.serve.app:build_app model=runs/ray/cpu-demo/model      # or a Serve config YAML
-    python pipelines/serve.py --model models:/mdlm@current
+    mdlm serve serve.model=models:/mdlm@current                          # or python pipelines/serve.py
 
 Endpoints: ``GET /`` (page), ``GET /v1/health``, ``GET /v1/model``, ``POST /v1/generate``,
 ``POST /v1/generate/stream`` (NDJSON states while tokens unmask), ``POST /v1/score``, and OpenAI's
@@ -38,7 +38,7 @@ from mdlm.storage import is_mlflow_uri, is_url
 
 logger = logging.getLogger("ray.serve")
 
-_BODY_LIMIT = {"bytes": ServeConfig.max_body_bytes}  # set per replica from its settings
+_BODY_LIMIT = {"bytes": ServeConfig.model_fields["max_body_bytes"].default}  # set per replica from its settings
 
 
 def set_body_limit(limit: int) -> None:
@@ -297,9 +297,11 @@ def _absolute_model(model: str) -> str:
     return str(path.absolute())
 
 
-def build_app(args: dict[str, Any]) -> serve.Application:
-    """Serve application builder (``serve run mdlm.serve.app:build_app model=...`` or a config's ``args``)."""
-    settings = serve_config_from_dict(args)
+def build_app(args: ServeConfig) -> serve.Application:
+    """Serve's typed application builder: ``serve run mdlm.serve.app:build_app model=... max_batch_size=32`` or a
+    Serve config's ``args`` arrive validated as :class:`ServeConfig` (Serve calls ``ServeConfig.model_validate``);
+    a plain mapping from Python is validated here the same way."""
+    settings = args.model_copy() if isinstance(args, ServeConfig) else serve_config_from_dict(args)
     settings.model = _absolute_model(settings.model)
     if settings.tracking_uri is None and is_mlflow_uri(settings.model):
         from mdlm.tracking import default_tracking_uri
