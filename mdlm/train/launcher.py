@@ -3,8 +3,9 @@
 ``train(config)`` joins the Ray cluster named by ``RAY_ADDRESS`` (as under ``ray job submit``; ``auto`` joins
 one started with ``ray start``), else starts a local one; prepares the default corpus if its manifest is
 missing; creates or continues the MLflow run; runs ``train_loop_per_worker`` on ``run.num_workers`` workers;
-and returns where to look. Resubmitting the same ``run.name`` with the same ``run.storage_path`` resumes from
-the latest checkpoint. Its stages, and the workers' progress lines (:mod:`mdlm.train.console`), are logged to
+draws the run's metric history as ``plots/training_curves.png`` on it; and returns where to look.
+Resubmitting the same ``run.name`` with the same ``run.storage_path`` resumes from the latest checkpoint. Its
+stages, and the workers' progress lines (:mod:`mdlm.train.console`), are logged to
 ``logging.getLogger("mdlm.train.launcher")`` / ``"mdlm.train.loop"``.
 """
 
@@ -139,6 +140,9 @@ def train(config: Config) -> TrainResult:
         tracking.finish_run(tracking_uri, run_id, "FAILED")
         raise TrainingError(f"training failed: {exc}", output.ray_logs_dir()) from exc
     metrics = dict(result.metrics or {})
+    from mdlm.figures import log_training_curves
+
+    log_training_curves(tracking_uri, run_id, title=run.name)  # a failure to draw is a warning, never an error
     stopped = metrics.get("stopped") or tracking.get_tag(tracking_uri, run_id, tracking.STOPPED_TAG)
     if stopped:
         tracking.finish_run(tracking_uri, run_id, "FAILED")
