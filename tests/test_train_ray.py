@@ -14,6 +14,7 @@ from mdlm import tracking
 from mdlm.config import load_config
 from mdlm.data.spec import DataSpec
 from mdlm.train.launcher import fit, register_export
+from mdlm.train.mfu import CEILING_KEY
 from mdlm.train.spec import WorkerSpec
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -111,6 +112,15 @@ def test_interrupted_run_resumes_to_the_same_parameters(ray_local, tmp_path):
         assert torch.equal(a[name], b[name]), name
     # Steps 5-6 of the crashed attempt were never logged: no step appears twice.
     assert [s for s, _ in _history(uri, run_id, "loss")] == [2, 4, 6, 8]
+    # The matmul ceiling was measured once, by the first worker group, logged once and kept in the checkpoint;
+    # the restarted group reused it: MFU has one denominator (tokens/s / MFU) before and after the restart.
+    [(step, ceiling)] = _history(uri, run_id, CEILING_KEY)
+    assert step == 0
+    state = json.loads((Path(crashed.checkpoint.path) / "train_state.json").read_text())
+    assert state["progress"]["extra"][CEILING_KEY]["flops"] == ceiling
+    mfu, rate = dict(_history(uri, run_id, "mfu")), dict(_history(uri, run_id, "tokens_per_s"))
+    denominators = [rate[s] / mfu[s] for s in (2, 4, 6, 8)]  # steps 2-4: first group; 6-8: after the restart
+    assert denominators == pytest.approx([denominators[0]] * 4, rel=1e-9)
 
 
 def test_two_worker_checkpoint_resumes_on_one_worker(ray_local, tmp_path):
