@@ -3,7 +3,8 @@
     python pipelines/train.py                                   # CPU demo: 2 workers, default corpus
     python pipelines/train.py model.kind=ar run.name=ar-demo    # the baseline, side by side in MLflow
     python pipelines/train.py --preset small run.use_gpu=true run.num_workers=8 training.precision=bf16
-    ray job submit --working-dir . -- python pipelines/train.py run.name=demo
+    ray job submit --working-dir . -- python pipelines/train.py run.name=demo \
+        run.storage_path=$PWD/runs/ray data.output_dir=$PWD/data/prepared/shakespeare-bpe1024-128  # absolute
     python pipelines/train.py run.name=demo                     # same name again: resumes
     python pipelines/train.py --resume-from runs/ray/demo/checkpoint_...
     python pipelines/train.py --verbose                         # also Ray's, Ray Data's and MLflow's own output
