@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 from mdlm import output
+
+# Where Ray unpacks a job's ``--working-dir`` (runtime_env ``working_dir``) on a node and runs the job's driver:
+# <session dir>/runtime_resources/working_dir_files/_ray_pkg_<hash> (ray._private.runtime_env.working_dir).
+RAY_WORKING_DIR_PARTS = ("runtime_resources", "working_dir_files")
 
 
 def init_ray(num_cpus: int | None = None) -> bool:
@@ -25,6 +30,19 @@ def init_ray(num_cpus: int | None = None) -> bool:
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
                  **output.ray_init_options())
     return True
+
+
+def ray_working_dir_copy(cwd: str | os.PathLike[str] | None = None) -> Path | None:
+    """The temporary copy of a ``--working-dir`` that Ray runs this process in (``ray job submit --working-dir .``
+    unpacks it under ``.../runtime_resources/working_dir_files/_ray_pkg_<hash>`` and starts the driver there),
+    when ``cwd`` (default: the current directory) is that copy or inside it; else None. Relative output paths
+    resolve into it, and Ray may delete it once no job uses it (its session folder is temporary too)."""
+    parts = Path(cwd if cwd is not None else os.getcwd()).absolute().parts
+    first, second = RAY_WORKING_DIR_PARTS
+    for i in range(len(parts) - 2):
+        if parts[i] == first and parts[i + 1] == second:
+            return Path(*parts[:i + 3])
+    return None
 
 
 READ_CPUS = 0.25  # logical CPUs of a Ray Data read task: reading is light

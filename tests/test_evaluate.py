@@ -290,3 +290,7 @@ def test_mlflow_training_run_lookup_and_standalone_evaluation_run(registry, tmp_
     assert experiment.artifact_location == (tmp_path / "runs" / "mlartifacts").absolute().as_uri()
     assert run.data.metrics["test_nll"] == summary.nelbo and run.data.metrics["test_ppl"] == summary.ppl
     assert "test_ppl_bound" not in run.data.metrics and run.data.metrics["test_tokens"] == 33
+    # The results' bar chart, a PNG figure on the evaluation run.
+    assert [a.path for a in client.list_artifacts(info["run_id"], "plots")] == ["plots/evaluation.png"]
+    png = client.download_artifacts(info["run_id"], "plots/evaluation.png", str(tmp_path))
+    assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

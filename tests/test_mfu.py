@@ -1,4 +1,5 @@
-"""MFU accounting: the FLOPs-per-token formula against FLOPs counted by PyTorch, and the matmul ceiling."""
+"""MFU accounting: the FLOPs-per-token formula against FLOPs counted by PyTorch, the matmul ceiling, and the
+run's ceiling kept in its checkpoint (a restarted worker group reuses it instead of measuring)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,18 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from mdlm.config import ModelConfig, NoiseConfig
+from mdlm.config import ModelConfig, NoiseConfig, TrainingConfig
 from mdlm.modeling import build_model
-from mdlm.train.mfu import StepThroughput, matmul_flops_per_token, measure_matmul_ceiling
+from mdlm.train.checkpoint import TrainProgress, load_checkpoint, save_checkpoint
+from mdlm.train.mfu import (
+    CEILING_KEY,
+    StepThroughput,
+    device_kind,
+    matmul_flops_per_token,
+    measure_matmul_ceiling,
+    run_matmul_ceiling,
+)
+from mdlm.train.optim import build_optimizer, build_scheduler
 
 
 @pytest.mark.parametrize("kind", ["mdlm", "ar"])
@@ -66,3 +76,35 @@ def test_throughput_counts_only_time_inside_steps_after_the_first():
     assert step(1.0) == pytest.approx(300 / 2.0)
     with pytest.raises(RuntimeError, match="without start"):
         meter.stop(1)
+
+
+def _tiny_training_state():
+    config = ModelConfig(hidden_size=32, n_layers=1, n_heads=2, cond_dim=16, vocab_size=32, mask_token_id=31,
+                         max_seq_len=16, dropout=0.0)
+    model = build_model(config, NoiseConfig())
+    optimizer = build_optimizer(model, TrainingConfig())
+    return model, optimizer, build_scheduler(optimizer, TrainingConfig())
+
+
+def test_the_ceiling_is_measured_once_per_run_and_restored_from_the_checkpoint(tmp_path):
+    progress = TrainProgress(step=3)
+    measured, new = run_matmul_ceiling(progress.extra, "cpu", "run-a", size=64, rounds=1)
+    assert new and measured > 1e6
+    assert progress.extra[CEILING_KEY] == {"device": "cpu", "flops": measured, "mlflow_run_id": "run-a"}
+    model, optimizer, scheduler = _tiny_training_state()
+    save_checkpoint(tmp_path / "ckpt", model, optimizer, scheduler, None, progress)
+
+    # A later worker group of the run restores the progress and takes its ceiling: no measurement, nothing to log.
+    restored = load_checkpoint(tmp_path / "ckpt", *_tiny_training_state(), None)
+    assert run_matmul_ceiling(restored.extra, "cpu", "run-a") == (measured, False)
+    # Another run resuming from this checkpoint keeps the value, but logs it to its own MLflow run once.
+    assert run_matmul_ceiling(restored.extra, "cpu", "run-b") == (measured, True)
+    assert run_matmul_ceiling(restored.extra, "cpu", "run-b") == (measured, False)
+
+
+def test_a_saved_ceiling_is_used_as_is_and_only_for_the_same_kind_of_device():
+    saved = {CEILING_KEY: {"device": device_kind("cpu"), "flops": 123.0, "mlflow_run_id": None}}
+    assert run_matmul_ceiling(saved, "cpu") == (123.0, False)  # far below any measurement: it was not measured
+    other = {CEILING_KEY: {"device": "cuda:NVIDIA H200", "flops": 123.0, "mlflow_run_id": None}}
+    flops, new = run_matmul_ceiling(other, "cpu", size=64, rounds=1)
+    assert new and flops > 1e6 and other[CEILING_KEY]["device"] == "cpu"

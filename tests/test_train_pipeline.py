@@ -63,6 +63,10 @@ def test_main_job_end_to_end(tmp_path):
     assert client.get_metric_history(run_id, "val_nelbo")
     artifacts = {a.path for folder in ("run", "samples") for a in client.list_artifacts(run_id, folder)}
     assert {"run/config.yaml", "run/manifest.json", "samples/samples.txt"} <= artifacts
+    # The training curves, drawn from the run's metric history, as a PNG figure on the run.
+    assert [a.path for a in client.list_artifacts(run_id, "plots")] == ["plots/training_curves.png"]
+    png = client.download_artifacts(run_id, "plots/training_curves.png", str(tmp_path))
+    assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     version = client.get_model_version_by_alias("mdlm", "current")
     assert version.run_id == run_id
     # The prepared data is the run's dataset input, its digest the manifest fingerprint.

@@ -4,6 +4,7 @@ exactly, a 2-worker checkpoint resumes on 1 worker, and MLflow holds the run and
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,8 @@ import torch
 from mdlm import tracking
 from mdlm.config import load_config
 from mdlm.data.spec import DataSpec
-from mdlm.train.launcher import fit, register_export
+from mdlm.train.launcher import TrainingError, fit, register_export, train
+from mdlm.train.mfu import CEILING_KEY
 from mdlm.train.spec import WorkerSpec
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -111,6 +113,15 @@ def test_interrupted_run_resumes_to_the_same_parameters(ray_local, tmp_path):
         assert torch.equal(a[name], b[name]), name
     # Steps 5-6 of the crashed attempt were never logged: no step appears twice.
     assert [s for s, _ in _history(uri, run_id, "loss")] == [2, 4, 6, 8]
+    # The matmul ceiling was measured once, by the first worker group, logged once and kept in the checkpoint;
+    # the restarted group reused it: MFU has one denominator (tokens/s / MFU) before and after the restart.
+    [(step, ceiling)] = _history(uri, run_id, CEILING_KEY)
+    assert step == 0
+    state = json.loads((Path(crashed.checkpoint.path) / "train_state.json").read_text())
+    assert state["progress"]["extra"][CEILING_KEY]["flops"] == ceiling
+    mfu, rate = dict(_history(uri, run_id, "mfu")), dict(_history(uri, run_id, "tokens_per_s"))
+    denominators = [rate[s] / mfu[s] for s in (2, 4, 6, 8)]  # steps 2-4: first group; 6-8: after the restart
+    assert denominators == pytest.approx([denominators[0]] * 4, rel=1e-9)
 
 
 def test_two_worker_checkpoint_resumes_on_one_worker(ray_local, tmp_path):
@@ -125,3 +136,19 @@ def test_two_worker_checkpoint_resumes_on_one_worker(ray_local, tmp_path):
     assert state["progress"]["step"] == 6
     assert [p.name for p in Path(second.checkpoint.path).glob("*.distcp")] == ["__0_0.distcp"]
     assert [s for s, _ in _history(uri, run_id, "loss")] == [2, 4, 6]
+
+
+def test_train_in_a_ray_working_dir_copy_warns_first(ray_local, tmp_path, monkeypatch, caplog):
+    """``ray job submit --working-dir .``: the driver starts in Ray's unpacked copy; train() names the outputs
+    that would land there before doing anything (here it then stops: the data is missing)."""
+    copy = tmp_path / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_5a6b"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(logging.getLogger("mdlm"), "propagate", True)  # an earlier entry point may have unset it
+    config = load_config("cpu-ray", ["run.name=wd", f"data.source={tmp_path / 'missing.txt'}"])
+    with pytest.raises(TrainingError, match="no prepared data"):
+        train(config)
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "mdlm.train.launcher" and r.levelname == "WARNING"]
+    assert str(copy) in warning and f"run.storage_path: {copy / 'runs' / 'ray'}" in warning
+    assert not (copy / "runs").exists()

@@ -3,7 +3,8 @@
     mdlm train                                      # CPU demo: 2 workers, default corpus
     mdlm train model.kind=ar run.name=ar-demo       # the baseline, side by side in MLflow
     mdlm train --preset small run.use_gpu=true run.num_workers=8 training.precision=bf16
-    ray job submit --working-dir . -- python pipelines/train.py run.name=demo
+    ray job submit --working-dir . -- python pipelines/train.py run.name=demo \
+        run.storage_path=$PWD/runs/ray data.output_dir=$PWD/data/prepared/shakespeare-bpe1024-128  # absolute
     mdlm train run.name=demo                        # same name again: resumes
     mdlm train --resume-from runs/ray/demo/checkpoint_...   # (or run.resume_from=...)
     mdlm train --verbose                            # also Ray's, Ray Data's and MLflow's own output

@@ -1,11 +1,12 @@
 """Evaluation results: the JSON file, the MLflow run linked to the training run, and the summary table.
 
 The MLflow run is a new run in the training run's experiment, tagged ``mlflow.parentRunId`` = the training
-run (the UI nests it under it), with the evaluation settings as params, the numbers as metrics and the
-results JSON as the artifact ``evaluation/results.json``. The training run is the one that logged the
-registered model version of a ``models:/NAME@ALIAS`` (or ``models:/NAME/VERSION``) URI, the run of a
-``runs:/ID/...`` URI, or an explicit run id. Without one, the run goes to an experiment of its own
-(``mdlm-eval``) created with an explicit artifact location under the runs folder.
+run (the UI nests it under it), with the evaluation settings as params, the numbers as metrics, the results
+JSON as the artifact ``evaluation/results.json`` and their bar chart as ``plots/evaluation.png``. The
+training run is the one that logged the registered model version of a ``models:/NAME@ALIAS`` (or
+``models:/NAME/VERSION``) URI, the run of a ``runs:/ID/...`` URI, or an explicit run id. Without one, the run
+goes to an experiment of its own (``mdlm-eval``) created with an explicit artifact location under the runs
+folder.
 """
 
 from __future__ import annotations
@@ -173,6 +174,9 @@ def log_evaluation_run(results: dict[str, Any], tracking_uri: str, parent: Train
         with tempfile.TemporaryDirectory(prefix="mdlm-eval-") as tmp:
             (Path(tmp) / RESULTS_NAME).write_text(to_json(logged))
             client.log_artifact(run_id, str(Path(tmp) / RESULTS_NAME), ARTIFACT_DIR)
+        from mdlm.figures import log_evaluation_figure
+
+        log_evaluation_figure(tracking_uri, run_id, results, title=run_name)  # a warning, never an error
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise

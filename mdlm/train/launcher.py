@@ -3,8 +3,9 @@
 ``train(config)`` joins the Ray cluster named by ``RAY_ADDRESS`` (as under ``ray job submit``; ``auto`` joins
 one started with ``ray start``), else starts a local one; prepares the default corpus if its manifest is
 missing; creates or continues the MLflow run; runs ``train_loop_per_worker`` on ``run.num_workers`` workers;
-and returns where to look. Resubmitting the same ``run.name`` with the same ``run.storage_path`` resumes from
-the latest checkpoint. Its stages, and the workers' progress lines (:mod:`mdlm.train.console`), are logged to
+draws the run's metric history as ``plots/training_curves.png`` on it; and returns where to look.
+Resubmitting the same ``run.name`` with the same ``run.storage_path`` resumes from the latest checkpoint. Its
+stages, and the workers' progress lines (:mod:`mdlm.train.console`), are logged to
 ``logging.getLogger("mdlm.train.launcher")`` / ``"mdlm.train.loop"``.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +24,7 @@ import yaml
 from mdlm import output, tracking
 from mdlm.config import DIFFUSION_KINDS, Config, ConfigError, RunConfig
 from mdlm.data.sources import DEFAULT_CORPUS
-from mdlm.runtime import init_ray
+from mdlm.runtime import init_ray, ray_working_dir_copy
 from mdlm.storage import absolute, is_url, join
 from mdlm.train.spec import WorkerSpec
 
@@ -98,11 +100,45 @@ def registered_model_name(config: Config) -> str | None:
     return name
 
 
+def outputs_inside(config: Config, folder: str | Path) -> dict[str, str]:
+    """The run's local outputs that land inside ``folder`` (relative paths resolve against the current
+    directory), as {what: absolute path}: the Ray storage, the local MLflow store (when ``MLFLOW_TRACKING_URI``
+    is unset), the prepared data and an explicit export directory."""
+    run = config.run
+    local = {"run.storage_path": run.storage_path, "data.output_dir": config.data.output_dir,
+             "run.export_dir": run.export_dir}
+    found = {what: absolute(path) for what, path in local.items() if path and not is_url(path)}
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        found["the MLflow store (MLFLOW_TRACKING_URI is unset)"] = str(_runs_root(config) / "mlflow.db")
+    folder = Path(folder).absolute()
+    return {what: path for what, path in found.items() if Path(path).is_relative_to(folder)}
+
+
+def working_dir_warning(config: Config) -> str | None:
+    """Under ``ray job submit --working-dir``, the driver runs in Ray's temporary copy of that folder
+    (:func:`mdlm.runtime.ray_working_dir_copy`): a warning naming the outputs that would be written inside it
+    and how to keep them; None when not in such a copy or when every output is elsewhere."""
+    copy = ray_working_dir_copy()
+    inside = outputs_inside(config, copy) if copy is not None else {}
+    if not inside:
+        return None
+    listed = "".join(f"\n  {what}: {path}" for what, path in inside.items())
+    return (f"this job runs in Ray's temporary copy of its --working-dir, {copy}; Ray may delete it and a "
+            f"resubmission may unpack into another one (no resume), yet these outputs would be written inside "
+            f"it:{listed}\nTo keep them, give absolute paths: run.storage_path=/abs/runs/ray (the MLflow store "
+            f"then goes beside it, in /abs/runs) and data.output_dir=/abs/data/...; or set MLFLOW_TRACKING_URI in "
+            f"the job's environment (ray job submit --runtime-env-json '{{\"env_vars\": "
+            f"{{\"MLFLOW_TRACKING_URI\": ...}}}}').")
+
+
 def train(config: Config) -> TrainResult:
     """Run (or resume) a distributed training run described by ``config``."""
     import ray
 
     config.validate()
+    warning = working_dir_warning(config)
+    if warning:
+        logger.warning(warning)
     run = config.run
     if run.use_gpu and config.training.precision != "bf16":
         logger.info("note: training on GPU in fp32; set training.precision=bf16 for mixed precision")
@@ -139,6 +175,9 @@ def train(config: Config) -> TrainResult:
         tracking.finish_run(tracking_uri, run_id, "FAILED")
         raise TrainingError(f"training failed: {exc}", output.ray_logs_dir()) from exc
     metrics = dict(result.metrics or {})
+    from mdlm.figures import log_training_curves
+
+    log_training_curves(tracking_uri, run_id, title=run.name)  # a failure to draw is a warning, never an error
     stopped = metrics.get("stopped") or tracking.get_tag(tracking_uri, run_id, tracking.STOPPED_TAG)
     if stopped:
         tracking.finish_run(tracking_uri, run_id, "FAILED")

@@ -26,7 +26,7 @@ from mdlm.train.checkpoint import checkpoint_candidates, restore_checkpoint, sav
 from mdlm.train.ema import EMA
 from mdlm.train.export import export_model
 from mdlm.train.ingest import BatchStream, first_batches
-from mdlm.train.mfu import StepThroughput, matmul_flops_per_token, measure_matmul_ceiling
+from mdlm.train.mfu import CEILING_KEY, StepThroughput, matmul_flops_per_token, run_matmul_ceiling
 from mdlm.train.optim import build_optimizer, build_scheduler
 from mdlm.train.parallelize import ParallelPlan, parallelize
 from mdlm.train.progress import ProgressClock, progress_line
@@ -93,7 +93,11 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
 
     tracking_uri, run_id = spec.tracking_uri, spec.mlflow_run_id if rank == 0 else None
     metrics_buffer = MetricBuffer(tracking_uri, run_id)
-    peak = measure_matmul_ceiling(device) * world
+    # Measured by the run's first worker group and kept in its checkpoints: a restart keeps MFU's denominator.
+    ceiling, new_to_run = run_matmul_ceiling(progress.extra, device, spec.mlflow_run_id)
+    if new_to_run:  # logged with the next checkpoint, as every metric
+        metrics_buffer.add(progress.step, {CEILING_KEY: ceiling})
+    peak = ceiling * world
     noise_generator = torch.Generator(device=device)
     # Device work still queued when a step ends is paid by the next step's loss sync.
     throughput = StepThroughput()

@@ -1,16 +1,22 @@
 """Model FLOPs utilisation: training FLOPs per token and the measured matmul ceiling of a device.
 
 MFU = tokens/s x ``matmul_flops_per_token`` / ``measure_matmul_ceiling``. Only torch is imported here, so
-the GPU check script and the training loop share one definition.
+the GPU check script and the training loop share one definition. A training run measures its ceiling once
+(:func:`run_matmul_ceiling`) and keeps it in its checkpoints, so MFU keeps one denominator across restarts.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
+
+from mdlm.train.collectives import all_reduce_sum, rank_and_world
+
+CEILING_KEY = "matmul_ceiling_flops"  # in a checkpoint's saved progress (``extra``), and the MLflow metric
 
 
 def matmul_flops_per_token(model: nn.Module, seq_len: int) -> float:
@@ -54,6 +60,39 @@ def measure_matmul_ceiling(device: torch.device | str = "cpu", *, size: int | No
             torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2.0 * n**3 * reps / best
+
+
+def device_kind(device: torch.device | str) -> str:
+    """What a ceiling was measured on: ``cpu``, or ``cuda:`` and the GPU's name (a resume on other hardware
+    measures again)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return device.type
+
+
+def run_matmul_ceiling(saved: dict[str, Any], device: torch.device | str, mlflow_run_id: str | None = None,
+                       **measure: Any) -> tuple[float, bool]:
+    """The matmul ceiling of one device (FLOP/s) for a training run, measured once per run.
+
+    ``saved`` is the run's saved progress (``TrainProgress.extra``, restored from its checkpoint): when it holds
+    a ceiling measured on the same kind of device (:func:`device_kind`), that one is used and nothing is
+    measured, so a restarted worker group (fault recovery, resume) keeps the denominator of MFU. Otherwise
+    every rank measures (``measure``: :func:`measure_matmul_ceiling`'s options) and all take rank 0's value
+    (collective), stored into ``saved`` for the next checkpoint. Returns (ceiling, whether it is new to
+    ``mlflow_run_id``: measured now, or carried over from another run's checkpoint), i.e. whether to log it.
+    """
+    entry = saved.get(CEILING_KEY)
+    kind = device_kind(device)
+    if isinstance(entry, dict) and entry.get("device") == kind and float(entry.get("flops") or 0) > 0:
+        new_to_run = entry.get("mlflow_run_id") != mlflow_run_id
+        entry["mlflow_run_id"] = mlflow_run_id
+        return float(entry["flops"]), new_to_run
+    rank, _ = rank_and_world()
+    flops = measure_matmul_ceiling(device, **measure)
+    [flops] = all_reduce_sum([flops if rank == 0 else 0.0], device)
+    saved[CEILING_KEY] = {"device": kind, "flops": flops, "mlflow_run_id": mlflow_run_id}
+    return flops, True
 
 
 class StepThroughput:
