@@ -225,7 +225,7 @@ class MDLM(_PretrainedModel):
                seed: int | None = None, generator: torch.Generator | None = None,
                callback: Callable[[int, Tensor], None] | None = None, confidence_threshold: float = 0.9,
                tokens_per_step: int | None = None, remask_schedule: str = "cap",
-               remask_eta: float = 0.01) -> SampleOutput:
+               remask_eta: float = 0.01, forward: Callable[[Tensor, Tensor], Tensor] | None = None) -> SampleOutput:
         """Generate token ids.
 
         ``prefix`` fixes the first tokens; ``template`` ([L] or [B, L]) fixes every position that is not the
@@ -233,12 +233,13 @@ class MDLM(_PretrainedModel):
         ``steps`` defaults to the number of generated positions; first_hitting and confidence ignore it.
         ``confidence_threshold`` (sampler 'confidence'), ``tokens_per_step`` ('confidence_k'; default
         ceil(masked / steps)), ``remask_schedule`` and ``remask_eta`` ('remdm') set the samplers of
-        :func:`mdlm.sampling.samplers.run_sampler`.
+        :func:`mdlm.sampling.samplers.run_sampler`. ``forward(z_t, t)`` replaces the backbone call (logits
+        [B, L, V]); the service's continuous batcher passes its own (:mod:`mdlm.serve.continuous`).
         """
         resolve_dtype(dtype)
         generator = self._generator(seed, generator)
         settings = {"confidence_threshold": confidence_threshold, "tokens_per_step": tokens_per_step,
-                    "remask_schedule": remask_schedule, "remask_eta": remask_eta}
+                    "remask_schedule": remask_schedule, "remask_eta": remask_eta, "forward": forward}
         block = self.config.max_seq_len
         was_training = self.training
         self.eval()
@@ -275,9 +276,11 @@ class MDLM(_PretrainedModel):
             raise ValueError(f"sampler {sampler!r} does not apply to a {self.model_type} model; "
                              f"available: {', '.join(self.samplers)}")
         steps = steps or max(int((z == self.mask_id).sum(dim=-1).max()), 1)
+        settings = dict(settings)
+        backbone = settings.pop("forward", None) or self.backbone
 
         def denoise(z_t: Tensor, t: Tensor) -> Tensor:
-            return self.sampler_log_weights(self.backbone(z_t, t))
+            return self.sampler_log_weights(backbone(z_t, t))
 
         return run_sampler(sampler, denoise, z, self.schedule, self.mask_id, steps=steps, top_p=top_p,
                            dtype=dtype, generator=generator, callback=callback,

@@ -90,6 +90,34 @@ def test_concurrent_requests_are_batched(service):
     assert max(sizes) > 1, sizes
 
 
+def test_mixed_concurrent_requests_share_forward_passes(service):
+    """Continuous batching over HTTP: different lengths, steps, samplers and seeds in flight at once; the seeded
+    ones return the tokens they return alone."""
+    bodies = [{"length": 32, "steps": 48, "sampler": "ancestral", "seed": 1, "return_tokens": True},
+              {"length": 16, "steps": 16, "sampler": "remdm", "seed": 2, "return_tokens": True},
+              {"prompt": "To be", "length": 24, "sampler": "first_hitting", "seed": 3, "return_tokens": True},
+              {"length": 32, "steps": 8, "sampler": "confidence_k"}, {"length": 20, "steps": 20}]
+    alone = [_post(f"{service}/v1/generate", body).json() for body in bodies]
+    results: list = [None] * len(bodies)
+    start = threading.Barrier(len(bodies))
+
+    def call(i: int) -> None:
+        start.wait()
+        results[i] = _post(f"{service}/v1/generate", bodies[i])
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r.status_code == 200 for r in results), [r.text for r in results]
+    out = [r.json() for r in results]
+    assert all(o["batch"]["mode"] == "continuous" for o in out)
+    assert max(o["batch"]["mean_requests_per_pass"] for o in out) > 1.5, [o["batch"] for o in out]
+    for i in range(3):
+        assert out[i]["samples"] == alone[i]["samples"]
+
+
 def test_stream_delivers_intermediate_states(service):
     with requests.post(f"{service}/v1/generate/stream", json={"prompt": "The quick", "length": 32, "steps": 32,
                                                               "sampler": "ancestral", "seed": 3},

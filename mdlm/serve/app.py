@@ -16,6 +16,7 @@ import logging
 import os
 import threading
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -179,11 +180,19 @@ class MDLMService:
             raise RuntimeError("device=cuda but this replica sees no GPU (set num_gpus, or device=cpu)")
         model = load_pretrained(self.settings.model, map_location=device)
         self.engine = Engine(model, self.settings, source=self.settings.model)
+        # continuous batching: one thread per running request (each runs its own sampler; mdlm.serve.continuous)
+        self._pool = ThreadPoolExecutor(max_workers=self.settings.max_ongoing_requests, thread_name_prefix="mdlm-gen")
         for batched in (self._generate_batch, self._score_batch):
             batched.set_max_batch_size(self.settings.max_batch_size)
             batched.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
         self._page = _page()
         logger.info("mdlm: serving %s (%s) on %s", self.settings.model, model.model_type, device)
+
+    async def _generate(self, job: GenerateJob) -> dict[str, Any]:
+        """One generate job: continuous batching where it applies, else Serve's request batching."""
+        if self.engine.continuous(job):
+            return await asyncio.get_running_loop().run_in_executor(self._pool, self.engine.run_continuous, job)
+        return await self._generate_batch(job)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)
     async def _generate_batch(self, jobs: list[GenerateJob]) -> list[dict[str, Any]]:
@@ -209,7 +218,7 @@ class MDLMService:
     @api.post("/v1/generate", response_model=GenerateResponse, response_model_exclude_unset=True,
               responses=_ERRORS)
     async def generate(self, body: GenerateRequest) -> dict[str, Any]:
-        return await self._generate_batch(self.engine.plan_generate(body))
+        return await self._generate(self.engine.plan_generate(body))
 
     @api.post("/v1/generate/stream", response_model=StreamFrame, responses={
         200: {"description": "NDJSON: one StreamFrame per line (states while tokens unmask), the last one done "
@@ -239,7 +248,7 @@ class MDLMService:
             finally:
                 emit(None)
 
-        worker = loop.run_in_executor(None, work)
+        worker = loop.run_in_executor(self._pool, work)
         try:
             while (frame := await queue.get()) is not None:
                 yield json.dumps(frame) + "\n"
@@ -267,12 +276,12 @@ class MDLMService:
         plan = openai_api.plan_completion(body, self.engine)
         if body.stream:
             return EventStreamResponse(self._completion_events(plan), headers={"Cache-Control": "no-cache"})
-        results = await asyncio.gather(*(self._generate_batch(job) for job in plan.jobs))
+        results = await asyncio.gather(*(self._generate(job) for job in plan.jobs))
         return openai_api.completion(plan, results, self.engine)
 
     async def _completion_events(self, plan: openai_api.CompletionPlan) -> AsyncIterator[str]:
         """The finished text of each choice as one event, in order (diffusion writes a text all at once)."""
-        tasks = [asyncio.ensure_future(self._generate_batch(job)) for job in plan.jobs]
+        tasks = [asyncio.ensure_future(self._generate(job)) for job in plan.jobs]
         try:
             for i, task in enumerate(tasks):
                 for choice in openai_api.choices(plan, i, await task, self.engine):

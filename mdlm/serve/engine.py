@@ -1,14 +1,17 @@
 """The model side of the service, free of Ray and HTTP: plan, batch, sample, stream and score.
 
 ``plan_generate`` turns a validated request body into a ``GenerateJob`` (token templates, resolved steps and
-sampler) or raises ``RequestError`` naming the field. ``run_generate`` runs many jobs at once: jobs that
-can share one sampler call (same sampler, steps, top-p and window length, no seed of their own) are stacked
-into one batch; each template row keeps its own prompt or infill, since the samplers fill masked positions
-wherever they are.
+sampler) or raises ``RequestError`` naming the field. With ``batching="continuous"`` (the default) a diffusion
+model's jobs each run through :meth:`Engine.run_continuous`, one thread per request, and share forward passes at
+step granularity (:mod:`mdlm.serve.continuous`). ``run_generate`` (``batching="request"``, and the AR baseline,
+whose KV-cached loop does not share passes) runs many jobs at once: jobs that can share one sampler call (same
+sampler, steps, top-p and window length, no seed of their own) are stacked into one batch; each template row keeps
+its own prompt or infill, since the samplers fill masked positions wherever they are.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -21,6 +24,7 @@ from torch import Tensor
 from mdlm.config import DIFFUSION_KINDS
 from mdlm.eval.metrics import row_generators, safe_exp, sequence_nll
 from mdlm.modeling import MDLM, ARModel
+from mdlm.serve.continuous import ShareStats, StepBatcher
 from mdlm.serve.schemas import GenerateRequest, RequestError, ScoreRequest
 from mdlm.serve.settings import ServeConfig
 
@@ -58,6 +62,7 @@ class BatchStats:
     rows: int
     forward_passes: int
     seconds: float
+    shared: ShareStats | None = None  # continuous batching: what the request's passes held
 
 
 @dataclass
@@ -86,6 +91,27 @@ class Engine:
         if self.is_diffusion and settings.default_sampler not in model.samplers:
             raise ValueError(f"default_sampler: {settings.default_sampler!r} does not apply to a {model.model_type} "
                              f"model; choose one of {', '.join(model.samplers)}")
+        self.batcher: StepBatcher | None = None
+        if self.is_diffusion and settings.batching == "continuous":
+            self.batcher = StepBatcher(self._masked_backbone, pad_id=self.config.mask_token_id,
+                                       max_rows=settings.max_batch_rows, wait_s=settings.step_wait_s)
+
+    def _masked_backbone(self, z_t: Tensor, t: Tensor, keep: Tensor | None) -> Tensor:
+        return self.model.backbone(z_t, t, keep)
+
+    def continuous(self, job: GenerateJob) -> bool:
+        """Whether ``job`` runs with continuous batching (:meth:`run_continuous`)."""
+        return self.batcher is not None and job.kind != "ar"
+
+    def run_continuous(self, job: GenerateJob) -> dict[str, Any]:
+        """Run one job in the calling thread, sharing forward passes with the other running jobs."""
+        assert self.batcher is not None
+        started = time.perf_counter()
+        with self.batcher.session() as (forward, shared):
+            tokens, passes = self._run_group([job], forward=forward)
+        stats = BatchStats(requests=shared.max_requests, rows=job.num_samples, forward_passes=passes,
+                           seconds=time.perf_counter() - started, shared=shared)
+        return self._result(job, tokens, stats)
 
     @property
     def is_diffusion(self) -> bool:
@@ -238,8 +264,8 @@ class Engine:
             return None
         return torch.Generator(device=self.model.device).manual_seed(seed)
 
-    def _run_group(self, jobs: list[GenerateJob], callback: Callable[[int, Tensor], None] | None = None
-                   ) -> tuple[Tensor, int]:
+    def _run_group(self, jobs: list[GenerateJob], callback: Callable[[int, Tensor], None] | None = None,
+                   forward: Callable[[Tensor, Tensor], Tensor] | None = None) -> tuple[Tensor, int]:
         first = jobs[0]
         generator = self._generator(first.seed)
         device = self.model.device
@@ -251,11 +277,11 @@ class Engine:
             if first.kind == "semi_ar":
                 out = self.model.sample(first.num_samples, first.length, prefix=first.prefix, stride=first.stride,
                                         steps=first.steps, sampler=first.sampler, top_p=first.top_p,
-                                        generator=generator, callback=callback)
+                                        generator=generator, callback=callback, forward=forward)
                 return out.tokens, out.num_forward_passes
             template = torch.cat([job.template for job in jobs]).to(device)  # type: ignore[misc]
             out = self.model.sample(template.shape[0], template=template, steps=first.steps, sampler=first.sampler,
-                                    top_p=first.top_p, generator=generator, callback=callback)
+                                    top_p=first.top_p, generator=generator, callback=callback, forward=forward)
             return out.tokens, out.num_forward_passes
 
     def _result(self, job: GenerateJob, tokens: Tensor, stats: BatchStats) -> dict[str, Any]:
@@ -264,9 +290,12 @@ class Engine:
         if job.return_tokens:
             for sample, row in zip(samples, tokens.tolist(), strict=True):
                 sample["tokens"] = row
+        batch: dict[str, Any] = {"requests": stats.requests, "rows": stats.rows, "seconds": round(stats.seconds, 4)}
+        if stats.shared is not None:
+            batch.update(mode="continuous", mean_requests_per_pass=round(stats.shared.mean_requests, 3),
+                         mean_rows_per_pass=round(stats.shared.mean_rows, 3))
         return {"samples": samples, "sampler": job.sampler, "steps": job.steps, "length": job.length,
-                "num_forward_passes": stats.forward_passes,
-                "batch": {"requests": stats.requests, "rows": stats.rows, "seconds": round(stats.seconds, 4)}}
+                "num_forward_passes": stats.forward_passes, "batch": batch}
 
     # ----------------------------------------------------------------------------------------------------
     # Streaming
@@ -309,10 +338,13 @@ class Engine:
         if job.template is not None:
             emit(self.frame(job.template, 0, job.steps))
         started = time.perf_counter()
-        tokens, passes = self._run_group([job], callback=on_step)
+        with contextlib.ExitStack() as stack:
+            forward, shared = stack.enter_context(self.batcher.session()) if self.batcher else (None, None)
+            tokens, passes = self._run_group([job], callback=on_step, forward=forward)
         if last_masked[0] != 0:  # a sampler may stop early once nothing is masked: show the final state
             emit(self.frame(tokens, job.steps, job.steps))
-        stats = BatchStats(1, job.num_samples, passes, time.perf_counter() - started)
+        stats = BatchStats(shared.max_requests if shared else 1, job.num_samples, passes,
+                           time.perf_counter() - started, shared)
         return {"type": "done", **self._result(job, tokens, stats)}
 
     # ----------------------------------------------------------------------------------------------------

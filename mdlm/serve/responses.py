@@ -62,9 +62,15 @@ class Sample(BaseModel):
 
 
 class BatchInfo(BaseModel):
-    requests: int = Field(description="requests that shared this sampler call")
-    rows: int
+    requests: int = Field(description="requests that shared this sampler call (continuous batching: the most that "
+                                      "shared one of its forward passes)")
+    rows: int = Field(description="rows of the sampler call (continuous batching: this request's rows)")
     seconds: float
+    mode: Literal["continuous"] | None = Field(None, description="set with continuous batching")
+    mean_requests_per_pass: float | None = Field(None, description="continuous: requests per forward pass, mean over "
+                                                                   "this request's passes")
+    mean_rows_per_pass: float | None = Field(None, description="continuous: rows per forward pass, mean over this "
+                                                               "request's passes")
 
 
 class GenerateResponse(BaseModel):

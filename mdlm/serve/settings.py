@@ -38,8 +38,13 @@ class ServeConfig(BaseModel):
     num_cpus: float = Field(1.0, gt=0)
     num_gpus: float = Field(0.0, ge=0)  # 0 with device=cuda means 1
     torch_threads: int | None = Field(None, gt=0)
-    max_batch_size: int = Field(16, gt=0)
+    max_batch_size: int = Field(16, gt=0)  # requests per batched call (score; generate with batching=request)
     batch_wait_timeout_s: float = Field(0.05, ge=0)
+    # continuous: a diffusion model's generate requests share forward passes at step granularity
+    # (mdlm.serve.continuous); request: only identical unseeded requests share one sampler call.
+    batching: Literal["continuous", "request"] = "continuous"
+    max_batch_rows: int = Field(64, gt=0)  # continuous: rows per forward pass
+    step_wait_s: float = Field(0.01, ge=0)  # continuous: how long a pass waits for running requests' next step
     # Request limits.
     max_num_samples: int = Field(16, gt=0)
     max_length: int | None = Field(None, gt=0)  # None: 4 x the model's max_seq_len (semi-autoregressive beyond)
@@ -69,6 +74,9 @@ class ServeConfig(BaseModel):
     def _replica_range(self) -> ServeConfig:
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas {self.min_replicas} exceeds max_replicas {self.max_replicas}")
+        if self.batching == "continuous" and self.max_batch_rows < self.max_num_samples:
+            raise ValueError(f"max_batch_rows {self.max_batch_rows} is below max_num_samples {self.max_num_samples}: "
+                             "a request's rows must fit one forward pass")
         return self
 
     @property
