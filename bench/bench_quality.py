@@ -14,6 +14,10 @@ as training rows do; sample batch j is drawn with seed ``row_seed(seed, j)`` in 
 sampling calls only (not decoding or scoring). ``--ar`` is the AR baseline sampled with its KV cache (default:
 the evaluator itself, which then scores its own samples: the JSON says so, since that favours it).
 
+Two more cells: semi-autoregressive generation of 4 blocks (windows advancing by half a block, the cached
+sampler at half a block of steps per window), without and with the approximate prefix KV cache
+(``prefix_cache``): its effect on generative perplexity, measured.
+
 Targets (issue #13):
 1. quality at a quarter of the passes: a cell other than ancestral with at most L/4 forward passes whose
    generative perplexity is within 10% of ancestral-at-L and entropy within 2% of it;
@@ -50,7 +54,7 @@ THRESHOLDS = (0.5, 0.7, 0.9, 0.99)
 PPL_TOLERANCE, ENTROPY_TOLERANCE = 0.10, 0.02
 
 
-def cells_for(length: int, samplers: tuple[str, ...]) -> list[dict[str, Any]]:
+def cells_for(length: int, samplers: tuple[str, ...], semi_ar: bool = True) -> list[dict[str, Any]]:
     """The (sampler, settings) cells of one run, in the order they are measured."""
     cells: list[dict[str, Any]] = []
     for sampler in (s for s in STEPPED if s in samplers):
@@ -60,6 +64,10 @@ def cells_for(length: int, samplers: tuple[str, ...]) -> list[dict[str, Any]]:
         cells.append({"sampler": "first_hitting", "steps": None})
     if "confidence" in samplers:
         cells.extend({"sampler": "confidence", "steps": None, "confidence_threshold": t} for t in THRESHOLDS)
+    if semi_ar and "cached" in samplers:  # 4 blocks, windows advancing by half a block; with and without the cache
+        for cached in (False, True):
+            cells.append({"sampler": "cached", "steps": length // 2, "length": 4 * length, "stride": length // 2,
+                          "prefix_cache": cached})
     return cells
 
 
@@ -68,6 +76,8 @@ def label(cell: dict[str, Any]) -> str:
         return "ar (KV cache)"
     if "confidence_threshold" in cell:
         return f"confidence >{cell['confidence_threshold']}"
+    if "stride" in cell:
+        return f"semi-AR x4 {cell['sampler']} @{cell['steps']}" + (" prefix cache" if cell["prefix_cache"] else "")
     return cell["sampler"] if cell["steps"] is None else f"{cell['sampler']} @{cell['steps']}"
 
 
@@ -82,7 +92,8 @@ def measure(model: MDLM | ARModel, scorer, cell: dict[str, Any], args: argparse.
     the texts: forward passes (per batch), seconds, tokens/s, generative perplexity, mean unigram entropy."""
     bos = model.config.bos_token_id
     prefix = [bos] if bos is not None else None
-    kwargs = {k: v for k, v in cell.items() if k != "sampler" and v is not None}
+    kwargs = {k: v for k, v in cell.items() if k not in ("sampler", "length") and v is not None}
+    length = cell.get("length", args.length)
     if cell["sampler"] != "ar":
         kwargs["sampler"] = cell["sampler"]
     seconds, passes, texts, entropies, generated = 0.0, [], [], [], 0
@@ -90,7 +101,7 @@ def measure(model: MDLM | ARModel, scorer, cell: dict[str, Any], args: argparse.
         count = min(args.batch, args.samples - first)
         sync(device)
         start = time.perf_counter()
-        out = model.sample(count, args.length, prefix=prefix, seed=row_seed(args.seed, j), **kwargs)
+        out = model.sample(count, length, prefix=prefix, seed=row_seed(args.seed, j), **kwargs)
         sync(device)
         seconds += time.perf_counter() - start
         mask_id = model.config.mask_token_id
@@ -109,7 +120,8 @@ def measure(model: MDLM | ARModel, scorer, cell: dict[str, Any], args: argparse.
 
 
 def check_targets(cells: list[dict[str, Any]], ar: dict[str, Any], length: int) -> dict[str, Any]:
-    """Both targets of the module docstring, from the measured cells."""
+    """Both targets of the module docstring, from the measured cells (semi-autoregressive ones aside)."""
+    cells = [c for c in cells if "stride" not in c]
     reference = next(c for c in cells if c["sampler"] == "ancestral" and c["steps"] == length)
     within = [c["label"] for c in cells
               if c["sampler"] != "ancestral" and c["forward_passes"] <= length / 4
@@ -139,9 +151,13 @@ def plot(record: dict[str, Any], path: Path) -> None:
     fig = Figure(figsize=(8, 5.5), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for sampler in dict.fromkeys(c["sampler"] for c in record["cells"]):
-        group = [c for c in record["cells"] if c["sampler"] == sampler]
-        ax.plot([c["tokens_per_s"] for c in group], [c["gen_ppl"] for c in group], marker="o", label=sampler)
+    def line(c: dict[str, Any]) -> str:
+        return c["label"] if "stride" in c else c["sampler"]
+
+    for name in dict.fromkeys(line(c) for c in record["cells"]):
+        group = [c for c in record["cells"] if line(c) == name]
+        ax.plot([c["tokens_per_s"] for c in group], [c["gen_ppl"] for c in group], marker="s" if "stride" in group[0]
+                else "o", label=name)
         for c in group:
             ax.annotate(str(c["forward_passes"]), (c["tokens_per_s"], c["gen_ppl"]), fontsize=7,
                         textcoords="offset points", xytext=(3, 3))

@@ -199,6 +199,9 @@ class SamplingConfig:
     # sampler=remdm: sigma_t = min(eta, sigma_max) ('cap') or eta * sigma_max ('rescale'), eta = remask_eta.
     remask_schedule: RemaskSchedule = "cap"
     remask_eta: float = 0.01
+    # semi-autoregressive windows: an approximate prefix KV cache over each window's given leading tokens
+    # (mdlm.models.dit.PrefixKV; not exact, opt-in): later passes compute only the positions after them.
+    prefix_cache: bool = False
 
     def validate(self, prefix: str = "sampling") -> None:
         check_positive(self, prefix, "steps", "num_samples")

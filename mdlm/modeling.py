@@ -36,7 +36,7 @@ from mdlm.diffusion.sedd import analytic_unmask_prob, euler_unmask_prob, log_rat
 from mdlm.hf_hub import check_repo_id, upload_dir
 from mdlm.hub import read_model_dir, write_model_dir
 from mdlm.model_card import ModelCardInfo
-from mdlm.models.dit import DiT
+from mdlm.models.dit import DiT, PrefixKV
 from mdlm.sampling.categorical import resolve_dtype, sample_categorical, top_p_filter
 from mdlm.sampling.samplers import SampleOutput, UnmaskRule, run_sampler, semi_autoregressive_sample
 
@@ -216,7 +216,8 @@ class MDLM(_PretrainedModel):
         return {"steps": sampling.steps, "sampler": sampling.sampler, "top_p": sampling.top_p,
                 "dtype": sampling.dtype, "seed": sampling.seed, "stride": sampling.stride,
                 "confidence_threshold": sampling.confidence_threshold, "tokens_per_step": sampling.tokens_per_step,
-                "remask_schedule": sampling.remask_schedule, "remask_eta": sampling.remask_eta}
+                "remask_schedule": sampling.remask_schedule, "remask_eta": sampling.remask_eta,
+                "prefix_cache": sampling.prefix_cache}
 
     @torch.no_grad()
     def sample(self, num_samples: int = 1, length: int | None = None, *, steps: int | None = None,
@@ -225,7 +226,8 @@ class MDLM(_PretrainedModel):
                seed: int | None = None, generator: torch.Generator | None = None,
                callback: Callable[[int, Tensor], None] | None = None, confidence_threshold: float = 0.9,
                tokens_per_step: int | None = None, remask_schedule: str = "cap",
-               remask_eta: float = 0.01, forward: Callable[[Tensor, Tensor], Tensor] | None = None) -> SampleOutput:
+               remask_eta: float = 0.01, prefix_cache: bool = False,
+               forward: Callable[[Tensor, Tensor], Tensor] | None = None) -> SampleOutput:
         """Generate token ids.
 
         ``prefix`` fixes the first tokens; ``template`` ([L] or [B, L]) fixes every position that is not the
@@ -233,13 +235,16 @@ class MDLM(_PretrainedModel):
         ``steps`` defaults to the number of generated positions; first_hitting and confidence ignore it.
         ``confidence_threshold`` (sampler 'confidence'), ``tokens_per_step`` ('confidence_k'; default
         ceil(masked / steps)), ``remask_schedule`` and ``remask_eta`` ('remdm') set the samplers of
-        :func:`mdlm.sampling.samplers.run_sampler`. ``forward(z_t, t)`` replaces the backbone call (logits
-        [B, L, V]); the service's continuous batcher passes its own (:mod:`mdlm.serve.continuous`).
+        :func:`mdlm.sampling.samplers.run_sampler`. ``prefix_cache``: an approximate KV cache over each
+        window's leading given tokens (:func:`prefix_cached_forward`; not exact). ``forward(z_t, t)`` replaces
+        the backbone call (logits [B, L, V]); the service's continuous batcher passes its own
+        (:mod:`mdlm.serve.continuous`).
         """
         resolve_dtype(dtype)
         generator = self._generator(seed, generator)
         settings = {"confidence_threshold": confidence_threshold, "tokens_per_step": tokens_per_step,
-                    "remask_schedule": remask_schedule, "remask_eta": remask_eta, "forward": forward}
+                    "remask_schedule": remask_schedule, "remask_eta": remask_eta, "forward": forward,
+                    "prefix_cache": prefix_cache}
         block = self.config.max_seq_len
         was_training = self.training
         self.eval()
@@ -277,7 +282,12 @@ class MDLM(_PretrainedModel):
                              f"available: {', '.join(self.samplers)}")
         steps = steps or max(int((z == self.mask_id).sum(dim=-1).max()), 1)
         settings = dict(settings)
-        backbone = settings.pop("forward", None) or self.backbone
+        backbone = settings.pop("forward", None)
+        if settings.pop("prefix_cache", False):
+            if backbone is not None:
+                raise ValueError("prefix_cache cannot be combined with a forward hook (continuous batching)")
+            backbone = prefix_cached_forward(self.backbone, z, self.mask_id)
+        backbone = backbone or self.backbone
 
         def denoise(z_t: Tensor, t: Tensor) -> Tensor:
             return self.sampler_log_weights(backbone(z_t, t))
@@ -440,6 +450,38 @@ def build_model(config: ModelConfig, noise: NoiseConfig | None = None,
     if config.kind == "ar":
         return ARModel(config, tokenizer=tokenizer)
     return MODEL_CLASSES[config.kind](config, noise=noise, tokenizer=tokenizer)
+
+
+def prefix_cached_forward(backbone: DiT, window: Tensor, mask_id: int) -> Callable[[Tensor, Tensor], Tensor] | None:
+    """The backbone call for sampling one ``window`` [B, L] with an approximate prefix KV cache
+    (:class:`mdlm.models.dit.PrefixKV`) over its leading positions that are given (not masked) in every row; None
+    when there are none. The first call runs the whole window and fills the cache; later calls compute only the
+    positions after the prefix, whose logits they return after the first call's logits for the prefix (no sampler
+    reads those: given positions are never drawn). A call over part of the batch (the cached sampler's changed
+    rows) takes the cache rows of the same prefix tokens."""
+    length = int((window != mask_id).all(dim=0).long().cumprod(0).sum())
+    if length == 0 or length >= window.shape[1]:
+        return None
+    state: dict[str, Any] = {}
+
+    def forward(z_t: Tensor, t: Tensor) -> Tensor:
+        if "cache" not in state:
+            cache = PrefixKV(length)
+            logits = backbone(z_t, t, cache=cache)
+            state.update(cache=cache, context=z_t[:, :length].clone(), head=logits[:, :length].clone())
+            return logits
+        cache, context, head = state["cache"], state["context"], state["head"]
+        if z_t.shape[0] == context.shape[0] and torch.equal(z_t[:, :length], context):
+            cache.rows = None
+        else:
+            same = (z_t[:, None, :length] == context[None]).all(dim=-1)  # [b, B]
+            if not bool(same.any(dim=1).all()):
+                return backbone(z_t, t)  # a prefix the cache has not seen: no cache for this call
+            cache.rows = same.long().argmax(dim=1)
+            head = head[cache.rows]
+        return torch.cat((head, backbone(z_t[:, length:], t, cache=cache)), dim=1)
+
+    return forward
 
 
 def load_pretrained(path: str | os.PathLike[str], map_location: str | torch.device = "cpu", *,

@@ -55,7 +55,8 @@ def test_every_cell_is_measured_and_written(models, tmp_path, capsys):
     labels = [c["label"] for c in record["cells"]]
     steps = [2, 4, 8, 16, 32]  # L/8 .. 2L for L = 16
     assert labels == ([f"{s} @{n}" for s in ("ancestral", "cached", "confidence_k", "remdm") for n in steps]
-                      + ["first_hitting"] + [f"confidence >{t}" for t in (0.5, 0.7, 0.9, 0.99)])
+                      + ["first_hitting"] + [f"confidence >{t}" for t in (0.5, 0.7, 0.9, 0.99)]
+                      + ["semi-AR x4 cached @8", "semi-AR x4 cached @8 prefix cache"])
     cell = {c["label"]: c for c in record["cells"]}
     generated = 15  # 16 tokens after the BOS
     for n in steps:
@@ -68,9 +69,13 @@ def test_every_cell_is_measured_and_written(models, tmp_path, capsys):
     assert cell["first_hitting"]["forward_passes"] == generated
     assert all(1 <= cell[f"confidence >{t}"]["forward_passes"] <= generated for t in (0.5, 0.7, 0.9, 0.99))
     assert record["ar"]["forward_passes"] == generated and record["ar_scored_by_itself"] is False
+    semi = [cell["semi-AR x4 cached @8"], cell["semi-AR x4 cached @8 prefix cache"]]
+    assert [c["length"] for c in semi] == [64, 64] and [c["prefix_cache"] for c in semi] == [False, True]
+    windows = 1 + (64 - 24) // 8  # a 24-token block, then 8 new tokens per window
+    assert all(c["forward_passes"] <= 8 * windows for c in semi)
     for c in [*record["cells"], record["ar"]]:
         assert c["samples"] == 4 and c["seconds"] > 0 and c["tokens_per_s"] > 0
-        assert 1 < c["gen_ppl"] < 1e6 and 0 < c["entropy"] <= math.log(generated)
+        assert 1 < c["gen_ppl"] < 1e6 and 0 < c["entropy"] <= math.log(c.get("length", 16) - 1)
     quality = record["targets"]["quality_at_quarter_passes"]
     assert quality["reference"] == "ancestral @16" and quality["max_forward_passes"] == 4
     assert set(record["targets"]) == {"quality_at_quarter_passes", "speed_at_equal_quality"}
@@ -89,7 +94,8 @@ def test_targets_rule():
              _cell("one pass too many", "cached", 33, 33, 100.0, 4.0),
              _cell("worse", "confidence_k", 16, 16, 110.5, 4.0),
              _cell("entropy drop", "confidence_k", 16, 16, 90.0, 3.9),
-             _cell("ancestral, few steps", "ancestral", 16, 16, 100.0, 4.0)]         # ancestral is the reference
+             _cell("ancestral, few steps", "ancestral", 16, 16, 100.0, 4.0),         # ancestral is the reference
+             {**_cell("semi-AR", "cached", 64, 8, 100.0, 4.0, rate=1e6), "stride": 64}]  # other lengths: aside
     targets = bench.check_targets(cells, {"gen_ppl": 105.0, "tokens_per_s": 40.0}, 128)
     assert targets["quality_at_quarter_passes"]["cells_meeting_it"] == ["at the edge"]
     assert targets["quality_at_quarter_passes"]["met"] is True

@@ -106,6 +106,38 @@ class KVCache:
         self.length += n
 
 
+class PrefixKV:
+    """Approximate prefix cache of a bidirectional window (Fast-dLLM's prefix cache): the keys and values, per
+    block, of the window's first ``length`` positions, taken from one full forward pass and reused by later
+    passes that compute only the positions after them. Not exact: in a bidirectional model those keys and
+    values depend on the later positions too, which change between passes. ``rows`` (set by the caller) picks
+    the cached rows a pass over part of the batch needs."""
+
+    def __init__(self, length: int) -> None:
+        if length < 1:
+            raise ValueError(f"prefix length must be >= 1, got {length}")
+        self.length = length
+        self.keys: list[Tensor] = []
+        self.values: list[Tensor] = []
+        self.rows: Tensor | None = None
+
+    @property
+    def filled(self) -> bool:
+        return bool(self.keys)
+
+    def use(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Filling pass: keep the prefix's part of ``k``, ``v`` [B, H, L, Dh] and return them as they are. Later
+        passes (``k``, ``v`` of the positions after the prefix): the cached prefix's keys and values before them."""
+        if len(self.keys) <= layer:
+            self.keys.append(k[:, :, :self.length].clone())
+            self.values.append(v[:, :, :self.length].clone())
+            return k, v
+        keys, values = self.keys[layer], self.values[layer]
+        if self.rows is not None:
+            keys, values = keys[self.rows], values[self.rows]
+        return torch.cat((keys, k), dim=2), torch.cat((values, v), dim=2)
+
+
 class DiTBlock(nn.Module):
     """Pre-norm transformer block with adaLN-zero modulation (6 x dim, zero-initialised)."""
 
@@ -128,16 +160,19 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.adaln.bias)
 
     def forward(self, x: Tensor, c: Tensor, rotary: tuple[Tensor, Tensor], attn_mask: Tensor | None,
-                causal: bool, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+                causal: bool, cache: KVCache | PrefixKV | None = None, layer: int = 0) -> Tensor:
         """``cache``: ``x`` holds the positions after the cached ones, whose keys and values block ``layer``
-        reads from (and appends to) the cache; ``attn_mask`` then covers [n, cached + n]."""
+        reads from (and appends to) the cache; ``attn_mask`` then covers [n, cached + n]. A filling
+        :class:`PrefixKV` pass sees the whole window."""
         b, n, d = x.shape
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaln(c)[:, None, :].chunk(6, dim=-1)
 
         h = modulate(self.norm1(x), shift_a, scale_a)
         q, k, v = self.qkv(h).view(b, n, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        if cache is not None:
+        if isinstance(cache, PrefixKV):
+            k, v = cache.use(layer, k, v)
+        elif cache is not None:
             k, v = cache.extend(layer, k, v)
         is_causal = causal and attn_mask is None and k.shape[2] == n  # with a cache: a mask, or one query
         attn = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
@@ -193,9 +228,13 @@ class DiT(nn.Module):
         self.final = FinalLayer(config)
 
     def forward(self, input_ids: Tensor, t: Tensor | None = None, attention_mask: Tensor | None = None,
-                cache: KVCache | None = None) -> Tensor:
+                cache: KVCache | PrefixKV | None = None) -> Tensor:
         """Logits [B, n, V] of ``input_ids`` [B, n]; with a ``cache`` (causal models, see :meth:`new_cache`) the
-        ids are the positions after the cached ones, and the cache takes their keys and values."""
+        ids are the positions after the cached ones, and the cache takes their keys and values. With a
+        :class:`PrefixKV` (bidirectional models): an empty one is filled by this pass over the whole window; a
+        filled one means the ids are the positions after its prefix (approximate, see the class)."""
+        if isinstance(cache, PrefixKV):
+            return self._forward_prefix(input_ids, t, attention_mask, cache)
         b, n = input_ids.shape
         start = 0 if cache is None else cache.length
         if start + n > self.config.max_seq_len:
@@ -217,6 +256,24 @@ class DiT(nn.Module):
             x = block(x, c, rotary, attn_mask, self.causal, cache, layer)
         if cache is not None:
             cache.advance(n)
+        return self.final(x, c)
+
+    def _forward_prefix(self, input_ids: Tensor, t: Tensor | None, attention_mask: Tensor | None,
+                        prefix: PrefixKV) -> Tensor:
+        if self.causal or attention_mask is not None:
+            raise ValueError("a prefix cache is for a bidirectional model, without attention_mask")
+        b, n = input_ids.shape
+        start = prefix.length if prefix.filled else 0
+        if start + n > self.config.max_seq_len or (not prefix.filled and n <= prefix.length):
+            raise ValueError(f"a window of {start + n} positions does not fit the prefix cache of {prefix.length} "
+                             f"and max_seq_len {self.config.max_seq_len}")
+        x = self.embed(input_ids)
+        if t is None or not self.config.time_conditioning:
+            t = torch.zeros(b, device=input_ids.device)
+        c = F.silu(self.time_embed(t))
+        rotary = self.rotary(n, input_ids.device, offset=start)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, c, rotary, None, False, prefix, layer)
         return self.final(x, c)
 
     def new_cache(self, capacity: int | None = None) -> KVCache:
