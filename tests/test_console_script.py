@@ -129,3 +129,4 @@ def test_serve_through_the_console_script_answers_http_and_stops_on_sigterm(tmp_
     assert process.returncode == 0, err[-3000:]
     printed = first + out
     assert f"OpenAI:   base_url=http://127.0.0.1:{port}/v1" in printed and "stopping" in printed
+    assert "failed" not in out + err, out + err  # stopping prints no failed task of Ray's

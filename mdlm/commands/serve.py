@@ -15,6 +15,7 @@ Settings are the config tree's ``serve`` section (mdlm/serve/settings.py: limits
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     from mdlm.runtime import init_ray
 
+    joined = bool(os.environ.get("RAY_ADDRESS"))  # else init_ray starts a local Ray that ends with this process
     init_ray()
     serve.start(http_options={"host": settings.host, "port": settings.port})
     try:
@@ -64,8 +66,21 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except KeyboardInterrupt:
         print("stopping", flush=True)
     finally:
-        serve.shutdown()
+        _stop_serving(settings.app_name, joined)
     return 0
+
+
+def _stop_serving(app_name: str, joined: bool) -> None:
+    """On a cluster this process joined, delete this application only (other applications keep serving);
+    on the local Ray it started, stop Ray, Serve with it (``serve.shutdown()`` there has Ray print a failed
+    ``graceful_shutdown`` retry of the controller it kills)."""
+    import ray
+    from ray import serve
+
+    if joined:
+        serve.delete(app_name)
+    else:
+        ray.shutdown()
 
 
 def _stop(signum: int, frame: object) -> None:
