@@ -467,7 +467,8 @@ def _section_from_dict(cls: type, data: dict[str, Any], prefix: str, base: Any =
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in known:
             hint = difflib.get_close_matches(str(key), sorted(known), n=1)
-            raise ConfigError(f"unknown config key '{full}'" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+            near = f"{prefix}.{hint[0]}" if hint and prefix else (hint[0] if hint else None)
+            raise ConfigError(f"unknown config key '{full}'" + (f" (did you mean '{near}'?)" if near else ""))
         if dataclasses.is_dataclass(hints[key]):
             values[key] = _section_from_dict(hints[key], value, full, values.get(key))
         elif isinstance(hints[key], type) and issubclass(hints[key], BaseModel):

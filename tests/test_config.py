@@ -207,7 +207,7 @@ def test_unknown_key_names_full_key_and_suggests():
         load_config(None, ["model.hiden_size=5"])
     message = str(info.value)
     assert "'model.hiden_size'" in message
-    assert "did you mean 'hidden_size'" in message
+    assert "did you mean 'model.hidden_size'" in message
 
 
 def test_unknown_section_raises_with_suggestion():

@@ -49,7 +49,7 @@ def test_every_subcommand_takes_the_same_syntax(command, tmp_path):
     # A misspelt key of the config tree, the same message from every command; nothing is written.
     bad = _mdlm(command, "model.hiden_size=3", cwd=tmp_path)
     assert bad.returncode == 2 and "config error: unknown config key 'model.hiden_size'" in bad.stderr, bad.stderr
-    assert "did you mean 'hidden_size'" in bad.stderr
+    assert "did you mean 'model.hidden_size'" in bad.stderr
     preset = _mdlm(command, "--preset", "no-such-preset", cwd=tmp_path)
     assert preset.returncode == 2 and "unknown preset 'no-such-preset'" in preset.stderr
     assert list(tmp_path.iterdir()) == []

@@ -36,7 +36,7 @@ def test_config_error_exits_2(tmp_path):
     assert result.returncode == 2
     assert "config error: data.block_size: 2 is below 3" in result.stderr
     result = _run("data.blok_size=64", cwd=tmp_path)
-    assert result.returncode == 2 and "did you mean 'block_size'" in result.stderr
+    assert result.returncode == 2 and "did you mean 'data.block_size'" in result.stderr
 
 
 def test_missing_source_exits_2_and_writes_nothing(tmp_path):
