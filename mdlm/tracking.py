@@ -3,11 +3,14 @@
 The tracking URI comes from ``MLFLOW_TRACKING_URI``, else a local sqlite database under the runs folder,
 with an experiment whose ``artifact_location`` is set explicitly (never Ray's temporary folders).
 Metrics are buffered on rank 0 and written when a checkpoint is saved: after a crash the run resumes
-from that checkpoint, so no step is ever logged twice.
+from that checkpoint, so no step is ever logged twice. A tracking server that does not answer at a checkpoint
+does not stop training: the metrics stay buffered (one warning says so) and are written at the next checkpoint
+it answers; the last flush waits up to ``FINAL_FLUSH_WAIT_S`` for it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import warnings
@@ -19,6 +22,11 @@ from typing import Any
 RUN_NAME_TAG = "mdlm.run_name"
 STOPPED_TAG = "mdlm.stopped"  # why a run stopped early (e.g. a non-finite loss), read by the driver
 STORAGE_TAG = "mdlm.storage_path"
+FLUSH_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}  # a flush tries briefly (MLflow's default: ~2 minutes)
+FINAL_FLUSH_WAIT_S = 300.0
+
+logger = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -98,29 +106,71 @@ def create_run(tracking_uri: str, experiment_id: str, run_name: str, params: dic
 
 class MetricBuffer:
     """Rank-0 metrics, held until the next checkpoint, then logged with their steps and the times they were
-    measured (not the time of the flush)."""
+    measured (not the time of the flush). What the tracking server did not take stays for the next flush."""
 
     def __init__(self, tracking_uri: str | None, run_id: str | None) -> None:
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.pending: list[tuple[int, int, dict[str, float]]] = []  # (step, timestamp in ms, metrics)
+        self._unsent: list[Any] = []  # mlflow Metric entities a failed flush left
+        self.outage = False  # the last flush failed (warned once per outage)
 
     def add(self, step: int, metrics: dict[str, float], timestamp_ms: int | None = None) -> None:
         stamp = int(time.time() * 1000) if timestamp_ms is None else int(timestamp_ms)
         self.pending.append((step, stamp, {k: float(v) for k, v in metrics.items()}))
 
-    def flush(self) -> None:
-        if not self.pending or self.run_id is None:
+    def flush(self, wait_s: float = 0.0) -> bool:
+        """Log everything buffered; True when nothing is left. A failure keeps what was not logged, warns once
+        per outage and returns False, retrying for ``wait_s`` first (the last flush of a run)."""
+        if self.run_id is None:
             self.pending.clear()
-            return
-        from mlflow import MlflowClient
+            return True
         from mlflow.entities import Metric
 
-        items = [Metric(k, v, stamp, step) for step, stamp, metrics in self.pending for k, v in metrics.items()]
-        client = MlflowClient(self.tracking_uri)
-        for i in range(0, len(items), 1000):
-            client.log_batch(self.run_id, metrics=items[i:i + 1000])
+        self._unsent += [Metric(k, v, stamp, step) for step, stamp, metrics in self.pending for k, v in metrics.items()]
         self.pending.clear()
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                self._send()
+            except Exception as exc:  # unreachable, timing out or failing server: keep the metrics
+                if time.monotonic() < deadline:
+                    time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+                    continue
+                if not self.outage:
+                    logger.warning(f"MLflow tracking at {self.tracking_uri} did not take the metrics "
+                                   f"({type(exc).__name__}: {str(exc)[:200]}); training goes on and they are "
+                                   f"kept for the next checkpoint ({len(self._unsent)} values so far)")
+                self.outage = True
+                return False
+            if self.outage:
+                logger.info(f"MLflow tracking at {self.tracking_uri} answers again: the kept metrics are written")
+            self.outage = False
+            return True
+
+    def _send(self) -> None:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(self.tracking_uri)
+        with _env(FLUSH_RETRIES):
+            while self._unsent:
+                client.log_batch(self.run_id, metrics=self._unsent[:1000])
+                del self._unsent[:1000]  # a batch the server took is never sent again
+
+
+@contextmanager
+def _env(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the block (those the user set win)."""
+    saved = {k: os.environ.get(k) for k in values}
+    for k, v in values.items():
+        if saved[k] is None:
+            os.environ[k] = v
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
 
 
 @contextmanager
@@ -131,8 +181,26 @@ def system_metrics(tracking_uri: str | None, run_id: str | None) -> Iterator[Non
         return
     import mlflow
 
-    with fluent_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id, log_system_metrics=True):
-        yield
+    with fluent_tracking_uri(tracking_uri):
+        try:
+            with _env(FLUSH_RETRIES):
+                mlflow.start_run(run_id=run_id, log_system_metrics=True)
+        except Exception as exc:  # the tracking server does not answer: train without system metrics
+            logger.warning(f"MLflow tracking at {tracking_uri} did not answer ({type(exc).__name__}); this worker "
+                           "group logs no system metrics")
+            yield
+            return
+        status = "FAILED"  # as mlflow.start_run's own context manager marks a run the block failed in
+        try:
+            yield
+            status = "FINISHED"
+        finally:
+            try:
+                with _env(FLUSH_RETRIES):
+                    mlflow.end_run(status)
+            except Exception as exc:
+                logger.warning(f"MLflow tracking at {tracking_uri}: ending the system-metrics monitor failed "
+                               f"({type(exc).__name__}); the driver finishes the run")
 
 
 def log_artifacts(tracking_uri: str, run_id: str, local_dir: str | os.PathLike[str], artifact_path: str) -> str:

@@ -20,7 +20,7 @@ from mdlm.data.spec import resolve_model_config
 from mdlm.eval.metrics import safe_exp
 from mdlm.model_card import ModelCardInfo
 from mdlm.modeling import build_model
-from mdlm.tracking import STOPPED_TAG, MetricBuffer, set_tag, system_metrics
+from mdlm.tracking import FINAL_FLUSH_WAIT_S, STOPPED_TAG, MetricBuffer, set_tag, system_metrics
 from mdlm.train import console
 from mdlm.train.checkpoint import checkpoint_candidates, restore_checkpoint, save_checkpoint
 from mdlm.train.ema import EMA
@@ -113,7 +113,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                                                    workers=world, metrics={k: v for k, v in metrics.items()
                                                                            if k.startswith("val_")})
                 export_model(model, ema, spec.export_dir, spec.data, card=card)
-            metrics_buffer.flush()
+            metrics_buffer.flush(FINAL_FLUSH_WAIT_S if export else 0.0)  # the last one waits for the server
             report(metrics, tmp)
 
     with system_metrics(tracking_uri, run_id):
@@ -153,7 +153,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                 checkpoint_and_report(last_report)
 
         if stop_reason is not None:
-            metrics_buffer.flush()
+            metrics_buffer.flush(FINAL_FLUSH_WAIT_S)
             if run_id is not None:
                 set_tag(tracking_uri, run_id, STOPPED_TAG, stop_reason)
             if rank == 0:
