@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import unittest.mock
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,18 +43,9 @@ class S3Server:
     def url(self, key: str = "") -> str:
         return f"s3://{self.bucket}/{key}".rstrip("/")
 
-    @contextlib.contextmanager
-    def environment(self) -> Iterator[None]:
-        saved = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)
-        try:
-            yield
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+    def environment(self):
+        """``os.environ`` holds :attr:`env` for the block, as it was after it."""
+        return unittest.mock.patch.dict(os.environ, self.env)
 
     def client(self):
         import boto3
