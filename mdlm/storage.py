@@ -106,3 +106,43 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return target
+
+
+def filesystem(path: str | os.PathLike[str]):
+    """``(fsspec filesystem, path in it)`` for a local path (made absolute, ``~`` expanded) or any fsspec URL."""
+    import fsspec
+
+    text = os.path.expanduser(str(path))
+    if not is_url(text):
+        text = str(Path(text).absolute())
+    return fsspec.core.url_to_fs(text)
+
+
+def is_local_fs(fs) -> bool:
+    """True for fsspec's local filesystem."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(fs, LocalFileSystem)
+
+
+def write_bytes_atomic(fs, path: str, data: bytes) -> None:
+    """Publish ``data`` at ``path`` of ``fs`` whole or not at all: a local file goes through a temporary sibling
+    renamed into place; an object store's single PUT is atomic already."""
+    if is_local_fs(fs):
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    else:
+        fs.pipe_file(path, data)
+
+
+def read_bytes(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of a local file or of an fsspec URL (``FileNotFoundError`` when there is none)."""
+    fs, where = filesystem(path)
+    with fs.open(where, "rb") as f:
+        return f.read()

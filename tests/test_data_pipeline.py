@@ -366,8 +366,11 @@ def test_load_manifest_errors(tmp_path):
     (tmp_path / MANIFEST_NAME).write_text("{not json")
     with pytest.raises(ManifestError, match=r"manifest\.json: not valid JSON.*--force"):
         load_manifest(tmp_path)
-    (tmp_path / MANIFEST_NAME).write_text(json.dumps({"format_version": 1, "fingerprint": "x"}))
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps({"format_version": 2, "fingerprint": "x"}))
     with pytest.raises(ManifestError, match="missing 'source'"):
+        load_manifest(tmp_path)
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps({"format_version": 1, "fingerprint": "x"}))
+    with pytest.raises(ManifestError, match=r"format_version 1 is not supported \(expected 2\).*--force"):
         load_manifest(tmp_path)
 
 
@@ -411,7 +414,11 @@ def test_wrap_packing_invariants_on_the_parquet(wrapped, corpus):
     for split in SPLITS:
         sizes = [pq.read_metadata(f).num_rows for f in manifest.split_files(split)]
         assert sizes[:-1] == [40] * (len(sizes) - 1) and 0 < sizes[-1] <= 40  # files roll at exactly 40 rows
-        assert manifest.splits[split].files == [f"{split}/part-{i:05d}.parquet" for i in range(len(sizes))]
+        folder = f"shards-{manifest.fingerprint}/{split}"  # one read task: the corpus is under 256 KiB
+        assert manifest.splits[split].files == [f"{folder}/part-00000-{i:03d}.parquet" for i in range(len(sizes))]
+        assert [s.rows for s in manifest.splits[split].shards] == sizes
+        assert [s.bytes for s in manifest.splits[split].shards] == \
+            [os.path.getsize(f) for f in manifest.split_files(split)]
         schema = pq.read_schema(manifest.split_files(split)[0])
         assert schema.names == ["input_ids"] and schema.field("input_ids").type == pa.list_(pa.int32())
         rows = np.array(tables[split]["input_ids"])

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from mdlm.config import DataConfig
+from mdlm.data.manifest import MANIFEST_NAME, load_manifest
 from mdlm.data.pipeline import prepare_dataset
+from mdlm.data.sources import DataError, shakespeare_files
 from mdlm.modeling import load_pretrained
 from tests.s3_support import s3_server
 from tests.serve_support import make_model_dir
@@ -69,3 +71,46 @@ def test_model_directory_on_s3_loads_and_generates(s3, tmp_path: Path):
         assert torch.equal(a, b)
     out = remote.sample(num_samples=2, length=16, steps=8, seed=3)
     assert torch.equal(out.tokens, local.sample(num_samples=2, length=16, steps=8, seed=3).tokens)
+
+
+def _broken_corpus(root: Path, good: Path) -> Path:
+    root.mkdir()
+    for path in sorted(good.iterdir()):
+        (root / path.name).write_bytes(path.read_bytes())
+    (root / "zz_broken.txt").write_bytes(b"fine text\n\n" * 5000 + b"\xff\xfe bad")
+    return root
+
+
+def test_workers_write_shards_to_s3_and_the_manifest_commits_them(s3, tmp_path: Path, ray_local):
+    """data.output_dir=s3://...: the workers write the shards to the bucket, the manifest (written last) lists
+    them; the same shards as on disk; training's reader opens them; a failed run leaves no object."""
+    import ray
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for path in shakespeare_files()[:6]:
+        (corpus / path.name).write_bytes(path.read_bytes())
+    settings = {"source": str(corpus), "tokenizer": "gpt2", "block_size": 64, "validation_fraction": 0.2,
+                "test_fraction": 0.1, "file_size_mb": 0.02, "num_workers": 2}
+    local = prepare_dataset(DataConfig(output_dir=str(tmp_path / "local"), **settings), progress=False)
+    url = s3.url("prepared/shakespeare")
+    remote = prepare_dataset(DataConfig(output_dir=url, **settings), progress=False)
+    assert len({Path(f).name.split("-")[1] for f in remote.split_files("train")}) >= 3  # several read tasks
+    assert remote.root == url and remote.splits == local.splits  # the same shards, byte for byte
+    keys = s3.keys("prepared/shakespeare/")
+    listed = {f"prepared/shakespeare/{s.path}" for split in remote.splits.values() for s in split.shards}
+    assert set(keys) - listed == {f"prepared/shakespeare/{name}" for name in (
+        MANIFEST_NAME, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")}
+    assert listed <= set(keys)
+    loaded = load_manifest(url)
+    assert loaded.splits == local.splits and loaded.split_files("train")[0].startswith("s3://mdlm/")
+    loaded.verify()
+    assert prepare_dataset(DataConfig(output_dir=url, **settings), progress=False).reused
+    # What training reads: Ray Data straight from the bucket, through the same standard variables.
+    assert ray.data.read_parquet(loaded.split_files("train")).count() == local.rows("train")
+
+    broken = _broken_corpus(tmp_path / "broken", corpus)
+    with pytest.raises(DataError, match=r"zz_broken\.txt"):
+        prepare_dataset(DataConfig(output_dir=s3.url("prepared/broken"), **{**settings, "source": str(broken)}),
+                        progress=False)
+    assert s3.keys("prepared/broken") == []  # no stray objects

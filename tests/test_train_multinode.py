@@ -47,6 +47,7 @@ def test_prepare_and_evaluate_on_three_one_cpu_nodes(ray_cluster, tmp_path):
     that leaves each node room for read tasks, so both finish (with shares from the cluster's total, 0.83-CPU
     actors filled every node and the 0.25-CPU read tasks fit nowhere: nothing progressed or failed)."""
     import logging
+    import re
     import signal
     from dataclasses import replace
 
@@ -66,7 +67,7 @@ def test_prepare_and_evaluate_on_three_one_cpu_nodes(ray_cluster, tmp_path):
     signal.alarm(600)
     try:
         assert sorted(n["Resources"].get("CPU", 0) for n in ray_cluster.nodes() if n["Alive"]) == [1, 1, 1]
-        config = load_config("cpu", ["data.max_files=3", "data.tokenizer_vocab_size=300", "data.num_workers=3",
+        config = load_config("cpu", ["data.max_files=6", "data.tokenizer_vocab_size=300", "data.num_workers=3",
                                      "data.validation_fraction=0.3", "model.n_layers=1", "model.hidden_size=32",
                                      "model.n_heads=2", "model.cond_dim=16"])
         said: list[str] = []
@@ -81,7 +82,8 @@ def test_prepare_and_evaluate_on_three_one_cpu_nodes(ray_cluster, tmp_path):
         finally:
             pipeline_logger.removeHandler(handler)
             pipeline_logger.setLevel(level)
-        assert "tokenizing with 3 actors x 0.75 CPU" in " ".join(said)
+        planned = re.search(r"(\d+) read tasks on 3 workers x 0.75 CPU", " ".join(said))
+        assert planned and int(planned.group(1)) >= 3  # every node's worker has a task
         assert manifest.rows("train") > 0 and manifest.rows("validation") > 0
         model = build_model(resolve_model_config(config.model, manifest.data_spec()), config.noise,
                             tokenizer=Tokenizer.from_file(manifest.tokenizer_path))

@@ -1,20 +1,24 @@
-"""``manifest.json``: what a prepared dataset holds, for training and evaluation.
+"""``manifest.json``: what a prepared dataset holds, for training and evaluation, and its commit marker.
 
-``pipelines/prepare_data.py`` writes it next to the parquet shards (``train/``, ``validation/``, ``test/``) and
-``tokenizer.json``. Paths inside are relative to the dataset directory, so the directory can be moved.
+``pipelines/prepare_data.py`` writes it last, next to ``tokenizer.json`` and the folder of parquet shards
+(``shards-<fingerprint>/{train,validation,test}/``), on a local path or any fsspec URL (``s3://`` ...). It lists
+every shard with its rows, tokens, size and SHA-256: readers trust only what it lists, so files of a failed or
+interrupted preparation are never read. Paths inside are relative to the dataset directory, so it can be moved.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from mdlm.data.spec import DataSpec
+from mdlm.storage import filesystem, is_local_fs, is_url, join, write_bytes_atomic
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shards listed with rows, tokens, bytes and SHA-256
 PREPARE_COMMAND = "python pipelines/prepare_data.py"
 
 
@@ -23,15 +27,32 @@ class ManifestError(ValueError):
 
 
 @dataclass
-class SplitInfo:
-    """One split: its folder and parquet files (relative to the dataset directory) and what they hold."""
+class ShardInfo:
+    """One parquet file of a split: its path (relative to the dataset directory), rows, real tokens, size in
+    bytes and the SHA-256 of those bytes."""
 
     path: str
-    files: list[str] = field(default_factory=list)
+    rows: int
+    tokens: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class SplitInfo:
+    """One split: its folder, its shards in row order (:class:`ShardInfo`) and what they hold."""
+
+    path: str
+    shards: list[ShardInfo] = field(default_factory=list)
     rows: int = 0
     tokens: int = 0  # real (attention-mask) tokens, [BOS]/[EOS] included
     documents: int = 0
     dropped_tokens: int = 0  # wrap: the final remainder, shorter than one row
+
+    @property
+    def files(self) -> list[str]:
+        """The shards' paths, relative to the dataset directory, in row order."""
+        return [shard.path for shard in self.shards]
 
 
 @dataclass
@@ -54,7 +75,7 @@ class Manifest:
     splits: dict[str, SplitInfo]
     config: dict[str, Any] = field(default_factory=dict)
     created: str = ""
-    root: Path | None = field(default=None, compare=False)
+    root: str | None = field(default=None, compare=False)  # a local directory or a URL
     reused: bool = field(default=False, compare=False)  # prepare_dataset found it up to date
     timings: dict[str, float] = field(default_factory=dict, compare=False)  # prepare_dataset's seconds
 
@@ -65,10 +86,10 @@ class Manifest:
         return data
 
     def _resolve(self, relative: str) -> str:
-        return str((self.root or Path(".")) / relative)
+        return join(self.root or str(Path(".").absolute()), relative)
 
     def split_files(self, split: str) -> list[str]:
-        """Absolute paths of a split's parquet files, in row order."""
+        """Absolute paths (or URLs) of a split's parquet files, in row order."""
         return [self._resolve(name) for name in self._split(split).files]
 
     def rows(self, split: str) -> int:
@@ -93,10 +114,26 @@ class Manifest:
             raise KeyError(f"no split {split!r} in the prepared data (splits: {', '.join(self.splits)})")
         return self.splits[split]
 
-    def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / MANIFEST_NAME
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
+    def save(self, directory: str | Path) -> str:
+        """Write ``manifest.json`` into ``directory`` (local or URL) atomically; its path."""
+        fs, root = filesystem(directory)
+        path = join(root, MANIFEST_NAME) if not is_local_fs(fs) else str(Path(root) / MANIFEST_NAME)
+        write_bytes_atomic(fs, path, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
+        return join(str(directory), MANIFEST_NAME)
+
+    def verify(self) -> None:
+        """Check every listed shard's size and SHA-256 against the files; :class:`ManifestError` naming the
+        first that differs (reads every byte: for audits and tests, not on every load)."""
+        fs, _ = filesystem(self.root or ".")
+        for split in self.splits.values():
+            for shard in split.shards:
+                where = filesystem(self._resolve(shard.path))[1]
+                digest = hashlib.sha256()
+                with fs.open(where, "rb") as f:
+                    while block := f.read(8 * 2**20):
+                        digest.update(block)
+                if digest.hexdigest() != shard.sha256:
+                    raise ManifestError(f"{self._resolve(shard.path)}: its SHA-256 differs from the manifest's")
 
 
 def _check_type(data: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -123,13 +160,21 @@ def manifest_from_dict(data: Any, where: str = MANIFEST_NAME) -> Manifest:
               if key in data or key not in ("config", "created")}
     splits = {}
     split_keys = {f.name for f in fields(SplitInfo)}
+    shard_keys = {f.name for f in fields(ShardInfo)}
     for name, info in values["splits"].items():
         if not isinstance(info, dict) or set(info) - split_keys or "path" not in info:
             raise ManifestError(f"{where}: split {name!r} is malformed")
+        shards = info.get("shards", [])
+        if not isinstance(shards, list) or any(not isinstance(s, dict) or set(s) != shard_keys for s in shards):
+            raise ManifestError(f"{where}: split {name!r} has malformed shards (each needs "
+                                f"{', '.join(sorted(shard_keys))})")
         try:
-            splits[name] = SplitInfo(**info)
+            splits[name] = SplitInfo(**{**info, "shards": [ShardInfo(**s) for s in shards]})
         except TypeError as exc:
             raise ManifestError(f"{where}: split {name!r} is malformed ({exc})") from None
+        if sum(s.rows for s in splits[name].shards) != splits[name].rows:
+            raise ManifestError(f"{where}: split {name!r} lists {splits[name].rows} rows but its shards hold "
+                                f"{sum(s.rows for s in splits[name].shards)}")
     values["splits"] = splits
     manifest = Manifest(format_version=version, **values)
     if "train" not in splits:
@@ -146,28 +191,53 @@ def manifest_from_dict(data: Any, where: str = MANIFEST_NAME) -> Manifest:
 
 
 def load_manifest(path: str | Path, check_files: bool = True) -> Manifest:
-    """Load a prepared dataset's manifest from its directory (or the manifest.json path itself).
+    """Load a prepared dataset's manifest from its directory (or the manifest.json path itself), local or a URL.
 
-    Missing: ``FileNotFoundError`` with the command that prepares the data. Malformed, or naming files that
-    are gone: :class:`ManifestError` naming the file."""
-    path = Path(path)
-    file = path if path.suffix == ".json" else path / MANIFEST_NAME
-    root = file.parent
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: no prepared dataset here; prepare it with: "
-                                f"{PREPARE_COMMAND} data.output_dir={root}")
+    Missing: ``FileNotFoundError`` with the command that prepares the data. Malformed, or listing files that
+    are gone or of another size: :class:`ManifestError` naming the file (one listing of the directory, no
+    reads; :meth:`Manifest.verify` checks the checksums)."""
+    text = str(path)
+    file = text if text.endswith(".json") else join(text, MANIFEST_NAME)
+    root = file.rsplit("/", 1)[0] if is_url(file) else str(Path(file).absolute().parent)
+    fs, where = filesystem(file)
     redo = f"; re-create it with: {PREPARE_COMMAND} data.output_dir={root} --force"
     try:
-        data = json.loads(file.read_text())
+        with fs.open(where, "rb") as f:
+            raw = f.read()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise FileNotFoundError(f"{file}: no prepared dataset here; prepare it with: "
+                                f"{PREPARE_COMMAND} data.output_dir={root}") from None
+    try:
+        data = json.loads(raw.decode())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{file}: not valid JSON ({exc}){redo}") from None
     try:
-        manifest = manifest_from_dict(data, str(file))
+        manifest = manifest_from_dict(data, file)
     except ManifestError as exc:
         raise ManifestError(f"{exc}{redo}") from None
-    manifest.root = root.absolute()
+    manifest.root = root
     if check_files:
-        for name in [manifest.tokenizer_file, *(f for s in manifest.splits.values() for f in s.files)]:
-            if not (manifest.root / name).is_file():
-                raise ManifestError(f"{file}: lists {name}, which is missing{redo}")
+        _check_listed_files(manifest, fs, file, redo)
     return manifest
+
+
+def _check_listed_files(manifest: Manifest, fs, file: str, redo: str) -> None:
+    """Every listed file exists (and every shard has its recorded size), from one listing of the directory."""
+    base = filesystem(manifest.root)[1].rstrip("/")
+    try:
+        found = {posix_relative(p, base): info.get("size") for p, info in fs.find(base, detail=True).items()}
+    except FileNotFoundError:
+        found = {}
+    expected: dict[str, int | None] = {manifest.tokenizer_file: None}
+    expected.update({s.path: s.bytes for split in manifest.splits.values() for s in split.shards})
+    for name, size in expected.items():
+        if name not in found:
+            raise ManifestError(f"{file}: lists {name}, which is missing{redo}")
+        if size is not None and found[name] is not None and int(found[name]) != size:
+            raise ManifestError(f"{file}: lists {name} with {size} bytes, but it has {found[name]}{redo}")
+
+
+def posix_relative(path: str, base: str) -> str:
+    """``path`` relative to ``base`` with forward slashes (fsspec paths on any filesystem)."""
+    path = path.replace("\\", "/")
+    return path[len(base):].lstrip("/") if path.startswith(base) else path

@@ -1,31 +1,36 @@
-"""Prepare a corpus for training on Ray Data: read -> documents -> split -> tokenize -> pack -> parquet.
+"""Prepare a corpus for training on Ray: read -> documents -> split -> tokenize -> pack -> parquet shards.
 
     manifest = prepare_dataset(config.data)      # or: python pipelines/prepare_data.py [a.b=value ...]
 
-One streaming Ray Data execution, with ``preserve_order`` on, so the output rows are the same whatever the
-number of workers:
+The driver plans and commits; the workers do every per-token step:
 
-1. read: ``read_binary_files`` (one row per file; local paths, globs, ``file://``, ``s3://``, ``gs://`` ...),
-   fused with a task stage that decodes, cuts text files at blank lines (``split_text``), parses jsonl and
-   parquet rows, and assigns every document to train / validation / test by its key ``relative/path:index``
-   (``assign_split``, seeded): :func:`~mdlm.data.sources.resolve_source` and
-   :meth:`~mdlm.data.sources.SourceFile.documents`, the same as the in-process :mod:`mdlm.data.local`. A
-   Hugging Face dataset (``hf:NAME[:CONFIG]``) enters as Arrow slices instead.
-2. tokenize: ``map_batches`` with a class on an ``ActorPoolStrategy`` pool; the tokenizer is loaded once per
-   actor and runs single-threaded (the pool is the parallelism); fractional CPUs leave room for the reader.
-   ``pad`` packing happens here (it is per document).
-3. on the driver, in stream order (:mod:`mdlm.data.writer`): ``wrap`` packing with one carried remainder per
-   split and fixed-size parquet files per split, written into a temporary sibling directory that is renamed
-   into place at the end (:func:`mdlm.storage.atomic_dir`), so a failure never leaves half a dataset.
+1. plan (driver, metadata only): the source's files (local paths, globs, ``file://``, ``s3://``, ``gs://`` ...) or
+   a Hugging Face split's Arrow files are cut into read tasks of about 256 KiB-8 MiB
+   (:func:`~mdlm.data.tasks.plan_tasks`); the plan depends on the corpus alone, not on the cluster.
+2. tokenize (a pool of :class:`~mdlm.data.workers.PrepareWorker` actors, one tokenizer each): a task is read
+   straight from its filesystem, cut into documents (:meth:`~mdlm.data.sources.SourceFile.documents`),
+   assigned to train / validation / test by document key (seeded) and tokenized. ``pad`` rows are per document,
+   so the task's shards are written there and then.
+3. pack and write (``wrap``, the same pool): each split is one token stream in corpus order. The driver reads
+   only each task's token counts, so it knows where every task starts in each stream; a task's worker then cuts
+   the rows that start in it, with the first tokens of the next tasks to finish its last row
+   (:func:`~mdlm.data.writer.wrap_rows`). The rows are exactly those of one sequential packer over the whole
+   corpus, for any number of workers, and no tokens are lost at task boundaries (only the final remainder of
+   each split, shorter than a row).
+4. commit (driver): shards go to ``shards-<fingerprint>/`` under ``data.output_dir`` (a local path visible to
+   every node, or any fsspec URL), each file published whole; then the tokenizer files, then ``manifest.json``,
+   which lists every shard with its rows and SHA-256 and is the commit marker: readers trust only what it lists.
+   A failure removes this run's shards (and a folder this run created), so nothing is published; earlier
+   shard folders are removed once the new manifest is in place.
 
-The driver writes because the wrap packer has to see the whole stream in order in one place anyway (it is
-a single sequential stage), and the atomic rename needs one filesystem the driver controls. Input errors
-found inside Ray tasks (undecodable bytes, a missing jsonl field ...) travel as rows with an ``error``
-column and are raised on the driver as :class:`~mdlm.data.sources.DataError` with their message intact.
+Token streams wait in Ray's object store between steps 2 and 3 only for a window of tasks (about twice the
+pool), so memory stays flat as the corpus grows. Input errors (undecodable bytes, a missing jsonl field ...)
+are raised on the driver as :class:`~mdlm.data.sources.DataError` with the worker's message intact.
 
-``tokenizer=bpe`` is trained first, by a pass over the training documents only. A rerun with the same
-inputs (config, source file names, sizes and times, tokenizer, format version: the fingerprint) returns the
-existing dataset unless ``force``. What it does is logged to ``logging.getLogger("mdlm.data.pipeline")``.
+``tokenizer=bpe`` is trained first, on the driver, by a pass over the training documents (Ray Data reads them);
+pretrained tokenizers need no such pass. A rerun with the same inputs (config, source file names, sizes and
+times, tokenizer, format version: the fingerprint) returns the existing dataset unless ``force``. What it does
+is logged to ``logging.getLogger("mdlm.data.pipeline")``.
 """
 
 from __future__ import annotations
@@ -33,24 +38,32 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import itertools
 import json
 import logging
-import os
+import tempfile
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 from tokenizers import Tokenizer
 
 from mdlm.config import DataConfig
-from mdlm.data.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, ManifestError, load_manifest
-from mdlm.data.packing import pack_pad_arrays
-from mdlm.data.sources import DataError, Source, SourceFile, document_key, resolve_source
-from mdlm.data.splits import check_train_split, split_of
+from mdlm.data.manifest import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    Manifest,
+    ManifestError,
+    ShardInfo,
+    SplitInfo,
+    load_manifest,
+)
+from mdlm.data.sources import DataError, Source, resolve_source
+from mdlm.data.splits import SPLITS, check_train_split
+from mdlm.data.tasks import ReadTask, plan_tasks, task_documents
 from mdlm.data.tokenizer import (
     PRETRAINED,
     TOKENIZER_FILE,
@@ -58,26 +71,22 @@ from mdlm.data.tokenizer import (
     load_tokenizer_for,
     save_tokenizer,
     special_tokens_for,
-    tokenizer_from_spec,
     tokenizer_identity,
     train_bpe,
 )
-from mdlm.data.writer import first_error, list_array, pack_and_write, rows_array
+from mdlm.data.workers import PrepareWorker
+from mdlm.data.writer import first_error
 from mdlm.runtime import READ_CPUS, actor_cpu_share, actors_that_fit, init_ray, node_cpus
-from mdlm.storage import atomic_dir, is_url
+from mdlm.storage import absolute, filesystem, is_local_fs, is_url, join, write_bytes_atomic
 
-# Document blocks of about this size: one big file still becomes many tokenizer tasks (Ray bundles whole
-# blocks per task; a streaming repartition would need a full CPU of its own and starves on small machines).
-BLOCK_BYTES = 2 * 2**20
-READ_TASK_BYTES = 8 * 2**20
-MAX_READ_TASKS = 1000
 # Settings that change how the work runs, not what it produces: left out of the fingerprint.
 EXECUTION_FIELDS = ("output_dir", "num_workers", "batch_size", "force")
+SHARDS_PREFIX = "shards-"
+TASKS_IN_FLIGHT_PER_WORKER = 2  # read-ahead: tokenized tasks waiting for their rows to be written
 
 logger = logging.getLogger(__name__)
 
-_DOC_SCHEMA = pa.schema([("text", pa.large_string()), ("split", pa.string()), ("file", pa.int32()),
-                         ("doc", pa.int64()), ("error", pa.string())])
+_DOC_SCHEMA = pa.schema([("text", pa.large_string()), ("split", pa.string()), ("error", pa.string())])
 
 
 def fingerprint(config: DataConfig, source: Source) -> str:
@@ -91,73 +100,25 @@ def fingerprint(config: DataConfig, source: Source) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Ray Data stages (module-level so that Ray pickles them by reference)
+# Documents as a Ray dataset (the bpe training pass; also what tests compare with the in-process path)
 
 
-def _doc_table(texts: list[str], splits: list[str], files: list[int], docs: list[int],
-               errors: list[str | None]) -> pa.Table:
+def _doc_table(texts: list[str], splits: list[str], error: str | None) -> pa.Table:
+    if error is not None:
+        texts, splits = [""], [""]
+    errors = [error] * len(texts)
     return pa.Table.from_arrays([pa.array(texts, pa.large_string()), pa.array(splits, pa.string()),
-                                 pa.array(files, pa.int32()), pa.array(docs, pa.int64()),
                                  pa.array(errors, pa.string())], schema=_DOC_SCHEMA)
 
 
-def file_documents_batch(batch: pa.Table, *, files: dict[str, tuple[int, SourceFile]], config: DataConfig,
-                         only_split: str | None = None) -> pa.Table:
-    """Ray task: files (``path``, ``bytes``) -> documents with their split; a bad file -> one error row."""
-    texts, splits, file_ids, doc_ids, errors = [], [], [], [], []
-    for path, data in zip(batch["path"].to_pylist(), batch["bytes"].to_pylist(), strict=True):
-        index, file = files[path]
-        try:
-            docs = file.documents(data, config)
-        except DataError as exc:
-            texts.append(""), splits.append(""), file_ids.append(index), doc_ids.append(-1)
-            errors.append(str(exc))
-            continue
-        for doc_index, text in docs:
-            split = split_of(document_key(file.key, doc_index), config)
-            if only_split is None or split == only_split:
-                texts.append(text), splits.append(split), file_ids.append(index), doc_ids.append(doc_index)
-                errors.append(None)
-    return _doc_table(texts, splits, file_ids, doc_ids, errors)
-
-
-def hf_documents_batch(batch: pa.Table, *, key: str, config: DataConfig, only_split: str | None = None) -> pa.Table:
-    """Ray task: Hugging Face rows (text, ``row`` index) -> documents with their split (key ``NAME:row``)."""
-    texts, splits, rows = [], [], []
-    for text, row in zip(batch[config.text_field].to_pylist(), batch["row"].to_pylist(), strict=True):
-        if text:
-            split = split_of(document_key(key, row), config)
-            if only_split is None or split == only_split:
-                texts.append(text), splits.append(split), rows.append(row)
-    return _doc_table(texts, splits, [0] * len(texts), rows, [None] * len(texts))
-
-
-class TokenizeBatch:
-    """Ray Data actor: loads the tokenizer once, then tokenizes batches of documents single-threaded
-    (``pad`` mode: also packs each document into its row)."""
-
-    def __init__(self, tokenizer: str, packing: str, block_size: int, special: SpecialTokens) -> None:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per actor: the pool is the parallelism
-        os.environ["RAYON_NUM_THREADS"] = "1"
-        self.tokenizer = tokenizer_from_spec(tokenizer) if tokenizer in PRETRAINED else Tokenizer.from_str(tokenizer)
-        self.packing, self.block_size, self.special = packing, block_size, special
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        # encode_batch_fast: the same ids as encode_batch without computing character offsets (~1.3x faster).
-        encodings = self.tokenizer.encode_batch_fast(batch["text"].to_pylist(), add_special_tokens=False)
-        ids = [e.ids for e in encodings]
-        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        values = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
-        meta = {name: batch[name] for name in ("split", "file", "doc", "error")}
-        if self.packing == "wrap":
-            return pa.table({"ids": list_array(values, lengths), **meta})
-        s = self.special
-        input_ids, mask = pack_pad_arrays(values, lengths, self.block_size, s.bos_id, s.eos_id, s.pad_id)
-        return pa.table({"input_ids": rows_array(input_ids), "attention_mask": rows_array(mask), **meta})
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The pipeline
+def task_documents_batch(batch: dict[str, np.ndarray], *, tasks: list[ReadTask], source: Source,
+                         config: DataConfig, only_split: str | None = None) -> pa.Table:
+    """Ray Data task: rows naming read tasks (``task``) -> their documents (``text``, ``split``, ``error``)."""
+    tables = []
+    for index in batch["task"]:
+        docs = task_documents(tasks[int(index)], source, config, only_split)
+        tables.append(_doc_table(docs.texts, docs.splits, docs.error))
+    return pa.concat_tables(tables)
 
 
 @contextlib.contextmanager
@@ -165,39 +126,23 @@ def _data_context(progress: bool) -> Iterator[None]:
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
-    saved = ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.target_max_block_size
-    ctx.execution_options.preserve_order = True  # output rows independent of scheduling
+    saved = ctx.execution_options.preserve_order, ctx.enable_progress_bars
+    ctx.execution_options.preserve_order = True  # documents in corpus order
     ctx.enable_progress_bars = progress
-    ctx.target_max_block_size = BLOCK_BYTES
     try:
         yield
     finally:
-        ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.target_max_block_size = saved
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
 
 
 def documents_dataset(source: Source, config: DataConfig, only_split: str | None = None):
-    """The Ray dataset of documents (``text``, ``split``, ``file``, ``doc``, ``error``), in corpus order."""
+    """The Ray dataset of documents (``text``, ``split``, ``error``), in corpus order (one Ray task per read task)."""
     import ray
 
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    if source.kind == "hf":
-        table = source.hf_table
-        step = max(1, config.batch_size * 8)
-        pieces = [table.slice(i, step).append_column("row", pa.array(np.arange(i, min(i + step, len(table)))))
-                  for i in range(0, len(table), step)]
-        ds = ray.data.from_arrow(pieces)
-        return ds.map_batches(hf_documents_batch, batch_size=None, batch_format="pyarrow", num_cpus=READ_CPUS,
-                              fn_kwargs={"key": source.hf_key, "config": config, "only_split": only_split})
-    files = {f.path: (i, f) for i, f in enumerate(source.files)}
-    # Read tasks of about READ_TASK_BYTES (at least two per CPU while there are files): Ray task overhead
-    # stays small next to the work. No batch size, so Ray fuses the read with the document stage and file
-    # bytes never travel through the object store.
-    total = sum(f.size for f in source.files)
-    tasks = min(len(source.files), MAX_READ_TASKS, max(2 * cpus, -(-total // READ_TASK_BYTES)))
-    ds = ray.data.read_binary_files([f.path for f in source.files], include_paths=True,
-                                    filesystem=source.filesystem, num_cpus=READ_CPUS, override_num_blocks=tasks)
-    return ds.map_batches(file_documents_batch, batch_size=None, batch_format="pyarrow", num_cpus=READ_CPUS,
-                          fn_kwargs={"files": files, "config": config, "only_split": only_split})
+    tasks = plan_tasks(source)
+    ds = ray.data.from_items([{"task": t.index} for t in tasks], override_num_blocks=max(1, len(tasks)))
+    return ds.map_batches(task_documents_batch, batch_size=1, batch_format="numpy", num_cpus=READ_CPUS,
+                          fn_kwargs={"tasks": tasks, "source": source, "config": config, "only_split": only_split})
 
 
 def _train_tokenizer(source: Source, config: DataConfig) -> Tokenizer:
@@ -221,96 +166,289 @@ def _train_tokenizer(source: Source, config: DataConfig) -> Tokenizer:
     return tokenizer
 
 
-def _check_output_dir(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_NAME).is_file())):
+# ---------------------------------------------------------------------------------------------------------
+# The worker pool: tokenize every task, then (wrap) write the rows that start in each, in order
+
+
+def _rows_after(position: int, tokens: int, chunk: int) -> int:
+    """Tokens a task needs from the tasks after it to finish the last row that starts in it."""
+    skip = (-position) % chunk
+    if tokens <= skip:
+        return 0
+    starts = -(-(tokens - skip) // chunk)
+    return max(0, skip + starts * chunk - tokens)
+
+
+class _Pool:
+    """Actors of :class:`PrepareWorker` and the calls in flight on each (new calls go to the least busy)."""
+
+    def __init__(self, workers: int, cpus: float, args: tuple) -> None:
+        import ray
+
+        remote = ray.remote(PrepareWorker)
+        self.actors = [remote.options(num_cpus=cpus, max_restarts=0).remote(*args) for _ in range(workers)]
+        self.load = [0] * workers
+        self.inflight: dict[Any, tuple[str, int, int]] = {}
+
+    def call(self, kind: str, task: int, method: str, *args: Any, num_returns: int = 1) -> Any:
+        actor = min(range(len(self.actors)), key=self.load.__getitem__)
+        refs = getattr(self.actors[actor], method).options(num_returns=num_returns).remote(*args)
+        first = refs[0] if num_returns > 1 else refs
+        self.inflight[first] = (kind, task, actor)
+        self.load[actor] += 1
+        return refs
+
+    def next_done(self) -> tuple[str, int, Any]:
+        import ray
+
+        [ref], _ = ray.wait(list(self.inflight), num_returns=1)
+        kind, task, actor = self.inflight.pop(ref)
+        self.load[actor] -= 1
+        return kind, task, ray.get(ref)
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+
+
+def run_pool(tasks: list[ReadTask], pool: _Pool, config: DataConfig, folder: str,
+             timings: dict[str, float]) -> dict[str, SplitInfo]:
+    """Tokenize every task on ``pool`` and (``wrap``) write each task's rows once the token counts before it and
+    enough of the tokens after it are known; the driver handles counts and object references only."""
+    wrap, chunk = config.packing == "wrap", config.block_size - 2
+    summaries: dict[int, dict[str, Any]] = {}
+    streams: dict[int, Any] = {}
+    shards: dict[int, dict[str, list[dict[str, Any]]]] = {}
+    position = dict.fromkeys(SPLITS, 0)
+    window = TASKS_IN_FLIGHT_PER_WORKER * len(pool.actors)
+    submitted = scheduled = 0  # tokenize calls made; tasks whose rows are written or on their way
+
+    def following_needed(task: int) -> int | None:
+        """How many tasks after ``task`` its rows need, or None while their token counts are unknown."""
+        need = {s: _rows_after(position[s], summaries[task]["splits"][s]["tokens"], chunk) for s in SPLITS}
+        j = task + 1
+        while any(n > 0 for n in need.values()) and j < len(tasks):
+            if j not in summaries:
+                return None
+            for s in SPLITS:
+                need[s] -= summaries[j]["splits"][s]["tokens"]
+            j += 1
+        return j - task - 1
+
+    while True:
+        blocked = False
+        while scheduled < len(tasks) and scheduled in summaries:
+            if not wrap:
+                shards[scheduled] = {s: summaries[scheduled]["splits"][s]["shards"] for s in SPLITS}
+            else:
+                after = following_needed(scheduled)
+                if after is None:
+                    blocked = True
+                    break
+                refs = [streams[scheduled + 1 + k] for k in range(after)]
+                pool.call("write", scheduled, "write", scheduled, dict(position), streams.pop(scheduled), *refs)
+                for s in SPLITS:
+                    position[s] += summaries[scheduled]["splits"][s]["tokens"]
+            scheduled += 1
+        # Read ahead up to the window; past it only while the next write waits for later token counts.
+        while submitted < len(tasks) and (submitted - scheduled < window or
+                                          (blocked and all(t in summaries for t in range(scheduled, submitted)))):
+            _, stream = pool.call("tokenize", submitted, "tokenize", tasks[submitted], num_returns=2)
+            streams[submitted] = stream
+            submitted += 1
+            blocked = False
+        if not pool.inflight:
+            break
+        kind, task, result = pool.next_done()
+        if kind == "tokenize":
+            if result["error"]:
+                raise DataError(result["error"])
+            summaries[task] = result
+            if "first_rows" not in timings:
+                timings["first_rows"] = time.perf_counter()
+                timings["first_batch_rows"] = sum(v["documents"] for v in result["splits"].values())
+            if not wrap:
+                streams.pop(task, None)
+        else:
+            shards[task] = result
+    if scheduled != len(tasks):
+        raise RuntimeError(f"preparation stopped after {scheduled} of {len(tasks)} tasks")
+    return _split_infos(tasks, summaries, shards, config, folder)
+
+
+def _split_infos(tasks: list[ReadTask], summaries: dict[int, dict[str, Any]],
+                 shards: dict[int, dict[str, list[dict[str, Any]]]], config: DataConfig,
+                 folder: str) -> dict[str, SplitInfo]:
+    infos = {}
+    for split in SPLITS:
+        listed = [ShardInfo(**shard) for t in range(len(tasks)) for shard in shards[t][split]]
+        info = SplitInfo(path=f"{folder}/{split}", shards=listed, rows=sum(s.rows for s in listed),
+                         tokens=sum(s.tokens for s in listed),
+                         documents=sum(summaries[t]["splits"][split]["documents"] for t in range(len(tasks))))
+        if config.packing == "wrap":
+            stream = sum(summaries[t]["splits"][split]["tokens"] for t in range(len(tasks)))
+            if info.rows != stream // (config.block_size - 2):
+                raise RuntimeError(f"{split}: wrote {info.rows} rows of a {stream}-token stream")
+            info.dropped_tokens = stream - info.rows * (config.block_size - 2)
+        infos[split] = info
+    return infos
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The output: check, publish, clean up
+
+
+def _check_output_dir(fs, root: str, out: str) -> None:
+    fs.invalidate_cache()
+    if not fs.exists(root):
+        return
+    if not fs.isdir(root):
+        raise DataError(f"data.output_dir={out} exists and is not a directory; remove it or choose another one")
+    if fs.ls(root) and not fs.exists(f"{root.rstrip('/')}/{MANIFEST_NAME}"):
         raise DataError(f"data.output_dir={out} exists and is not a prepared dataset (no {MANIFEST_NAME}); "
                         "remove it or choose another directory")
 
 
+def _publish_tokenizer(tokenizer: Tokenizer, special: SpecialTokens, fs, root: str, block_size: int) -> list[str]:
+    """The tokenizer files into ``root``, each published whole; their paths."""
+    with tempfile.TemporaryDirectory(prefix="mdlm-tokenizer-") as tmp:
+        save_tokenizer(tokenizer, tmp, special.role_ids(), model_max_length=block_size)
+        paths = []
+        for file in sorted(Path(tmp).iterdir()):
+            paths.append(f"{root.rstrip('/')}/{file.name}")
+            write_bytes_atomic(fs, paths[-1], file.read_bytes())
+    return paths
+
+
+def _remove(fs, path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm(path, recursive=True)
+
+
+def _remove_unlisted(fs, root: str, folder: str) -> None:
+    """After a commit: earlier shard folders, and the split folders of format-1 datasets, which nothing lists."""
+    fs.invalidate_cache()
+    for entry in fs.ls(root, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if (name.startswith(SHARDS_PREFIX) and name != folder) or name in SPLITS:
+            _remove(fs, entry)
+
+
+def _warn_if_not_shared(out: str) -> None:
+    """A local output path is written by workers on every node: it must be one shared file system."""
+    import ray
+
+    hosts = {node["NodeManagerAddress"] for node in ray.nodes() if node.get("Alive")}
+    if not is_url(out) and len(hosts) > 1:
+        logger.warning(f"data.output_dir={out} is a local path on a cluster of {len(hosts)} hosts: workers on "
+                       "every node write shards there, so it must be a shared file system (or use an s3:// or "
+                       "gs:// URL)")
+
+
 def prepare_dataset(config: DataConfig, *, force: bool | None = None, progress: bool = True) -> Manifest:
-    """Prepare ``config.source`` into ``config.output_dir`` (train/validation/test parquet, tokenizer.json and
-    the Hugging Face tokenizer files beside it, manifest.json) and return its :class:`Manifest`; reuse an
+    """Prepare ``config.source`` into ``config.output_dir`` (local or a URL: the shards, tokenizer.json and the
+    Hugging Face tokenizer files, manifest.json written last) and return its :class:`Manifest`; reuse an
     identical earlier output unless ``force``.
 
-    Bad input raises :class:`DataError` (bad settings: ``ConfigError``; both ``ValueError``) and leaves
-    nothing behind."""
-    start = time.perf_counter()
+    Bad input raises :class:`DataError` (bad settings: ``ConfigError``; both ``ValueError``) and publishes
+    nothing. (``progress`` is kept for callers; the pool logs its stages instead of drawing bars.)"""
+    start, cpu_start = time.perf_counter(), time.process_time()
     timings: dict[str, float] = {}
     config.validate("data")
     force = config.force if force is None else force
-    if is_url(config.output_dir):
-        raise DataError(f"data.output_dir={config.output_dir!r}: must be a local path (the dataset is written "
-                        "to a temporary sibling directory and renamed into place)")
-    out = Path(config.output_dir).expanduser().absolute()
+    out = absolute(config.output_dir) if is_url(config.output_dir) else \
+        str(Path(config.output_dir).expanduser().absolute())
+    fs, root = filesystem(out)
     source = resolve_source(config)
     tokenizer, special = load_tokenizer_for(config) if config.tokenizer != "bpe" else (None, None)
     digest = fingerprint(config, source)
-    if not force:
-        with contextlib.suppress(FileNotFoundError, ManifestError):
-            existing = load_manifest(out)
-            if existing.fingerprint == digest:
-                logger.info(f"reusing {out} (same inputs and config, fingerprint {digest}); --force re-prepares it")
-                existing.reused = True
-                return existing
-    _check_output_dir(out)
+    current = None
+    with contextlib.suppress(FileNotFoundError, ManifestError):
+        current = load_manifest(out, check_files=not force)
+    if current is not None and not force and current.fingerprint == digest:
+        logger.info(f"reusing {out} (same inputs and config, fingerprint {digest}); --force re-prepares it")
+        current.reused = True
+        return current
+    _check_output_dir(fs, root, out)
 
     import ray
-    from ray.data import ActorPoolStrategy
 
-    created = next((p for p in [out.parent, *out.parent.parents][::-1] if not p.exists()), None)
+    folder = f"{SHARDS_PREFIX}{digest}"
+    keep_folder = current is not None and any(f.startswith(f"{folder}/") for s in current.splits.values()
+                                              for f in s.files)
+    created = None
+    if is_local_fs(fs):
+        target = Path(root)
+        created = next((p for p in [*target.parents[::-1], target] if not p.exists()), None)
     described = source.describe()
     logger.info(f"reading {config.source}: " + (f"{described['rows']:,} rows" if source.kind == "hf" else
                                                 f"{described['files']} files, {described['bytes'] / 2**20:.1f} MB"))
     started = init_ray()
+    committed, published = False, []
     try:
-        with atomic_dir(out) as tmp, _data_context(progress):
-            if tokenizer is None:
-                logger.info(f"training a byte-level BPE of {config.tokenizer_vocab_size} tokens on the training split")
+        if tokenizer is None:
+            logger.info(f"training a byte-level BPE of {config.tokenizer_vocab_size} tokens on the training split")
+            with _data_context(progress):
                 tokenizer = _train_tokenizer(source, config)
-                special = special_tokens_for(tokenizer, config.tokenizer)
-            save_tokenizer(tokenizer, tmp, special.role_ids(), model_max_length=config.block_size)
-            nodes = node_cpus()
-            # Auto: one actor per CPU, but no more than there are document blocks (small corpora start faster),
-            # nor more than fit at half a CPU each on the nodes, beside their read reserve (a 1-CPU node: one).
-            workers = config.num_workers or max(1, min(int(sum(nodes)), actors_that_fit(nodes, READ_CPUS * 2),
-                                                       -(-source.num_bytes // BLOCK_BYTES)))
-            actor_cpus = actor_cpu_share(nodes, workers)
-            tokenizer_arg = config.tokenizer if config.tokenizer in PRETRAINED else tokenizer.to_str()
-            tokenized = documents_dataset(source, config).map_batches(
-                TokenizeBatch, batch_size=config.batch_size, batch_format="pyarrow",
-                compute=ActorPoolStrategy(size=workers), num_cpus=actor_cpus,
-                fn_constructor_kwargs={"tokenizer": tokenizer_arg, "packing": config.packing,
-                                       "block_size": config.block_size, "special": special})
-            logger.info(f"tokenizing with {workers} actors x {actor_cpus} CPU, packing '{config.packing}' into "
-                        f"{config.block_size}-token rows")
-            stream = tokenized.iter_batches(batch_size=None, batch_format="pyarrow")
-            timings["tokenize_start"] = time.perf_counter()
-            splits = pack_and_write(stream, config, special, tmp, check_order=source.kind != "hf", timings=timings)
-            check_train_split(config, splits["train"].documents, splits["train"].rows)
-            for split, fraction in (("validation", config.validation_fraction), ("test", config.test_fraction)):
-                if fraction > 0 and not splits[split].rows:
-                    logger.warning(f"the {split} split is empty (data.{split}_fraction={fraction} of "
-                                   f"{sum(i.documents for i in splits.values())} documents)")
-            manifest = Manifest(
-                format_version=FORMAT_VERSION, fingerprint=digest, source=described, tokenizer=config.tokenizer,
-                tokenizer_file=TOKENIZER_FILE, vocab_size=special.vocab_size, mask_token_id=special.mask_id,
-                bos_token_id=special.bos_id, eos_token_id=special.eos_id, pad_token_id=special.pad_id,
-                block_size=config.block_size, packing=config.packing, splits=splits,
-                config=dataclasses.asdict(config), created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-            manifest.save(tmp)
+            special = special_tokens_for(tokenizer, config.tokenizer)
+        _warn_if_not_shared(out)
+        tasks = plan_tasks(source)
+        nodes = node_cpus()
+        # Auto: one worker per CPU, no more than there are tasks, nor more than fit at half a CPU each on the
+        # nodes beside their reserve (a 1-CPU node: one).
+        workers = config.num_workers or max(1, min(int(sum(nodes)), actors_that_fit(nodes, READ_CPUS * 2),
+                                                   len(tasks)))
+        actor_cpus = actor_cpu_share(nodes, workers)
+        row_bytes = config.block_size * (4 + (config.packing == "pad"))
+        rows_per_file = max(1, int(config.file_size_mb * 2**20 // row_bytes))
+        row_group_rows = max(1, min(rows_per_file, 8 * 2**20 // row_bytes))
+        tokenizer_arg = config.tokenizer if config.tokenizer in PRETRAINED else tokenizer.to_str()
+        logger.info(f"{len(tasks)} read tasks on {workers} workers x {actor_cpus} CPU, packing "
+                    f"'{config.packing}' into {config.block_size}-token rows, shards to {join(out, folder)}")
+        timings["tokenize_start"] = time.perf_counter()
+        pool = _Pool(workers, actor_cpus, (source, config, tokenizer_arg, special, out, folder, rows_per_file,
+                                           row_group_rows, config.batch_size))
+        try:
+            splits = run_pool(tasks, pool, config, folder, timings)
+        finally:
+            pool.close()
+        check_train_split(config, splits["train"].documents, splits["train"].rows)
+        for split, fraction in (("validation", config.validation_fraction), ("test", config.test_fraction)):
+            if fraction > 0 and not splits[split].rows:
+                logger.warning(f"the {split} split is empty (data.{split}_fraction={fraction} of "
+                               f"{sum(i.documents for i in splits.values())} documents)")
+        manifest = Manifest(
+            format_version=FORMAT_VERSION, fingerprint=digest, source=described, tokenizer=config.tokenizer,
+            tokenizer_file=TOKENIZER_FILE, vocab_size=special.vocab_size, mask_token_id=special.mask_id,
+            bos_token_id=special.bos_id, eos_token_id=special.eos_id, pad_token_id=special.pad_id,
+            block_size=config.block_size, packing=config.packing, splits=splits,
+            config=dataclasses.asdict(config), created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        published = _publish_tokenizer(tokenizer, special, fs, root, config.block_size)
+        manifest.save(out)
+        committed = True
     finally:
-        if created is not None and not out.exists():
-            with contextlib.suppress(OSError):
-                for path in [out.parent, *out.parent.parents]:
-                    path.rmdir()  # only empty folders this call created
-                    if path == created:
-                        break
+        if not committed:
+            if not keep_folder:
+                _remove(fs, f"{root.rstrip('/')}/{folder}")
+            if current is None:
+                for path in published:
+                    _remove(fs, path)
+            if created is not None and created.exists():
+                with contextlib.suppress(OSError):
+                    for path in [Path(root), *Path(root).parents]:
+                        path.rmdir()  # only empty folders this call created
+                        if path == created:
+                            break
         if started:
             ray.shutdown()
+    _remove_unlisted(fs, root, folder)
     manifest.root = out
     end = time.perf_counter()
     first = timings.get("first_rows", end)
     manifest.timings = {"total": end - start, "tokenize": end - timings.get("tokenize_start", start),
                         "first_rows": first - timings.get("tokenize_start", start), "after_first_rows": end - first,
-                        "first_batch_documents": timings.get("first_batch_rows", 0)}
+                        "first_batch_documents": timings.get("first_batch_rows", 0),
+                        "driver_cpu": time.process_time() - cpu_start}
     return manifest

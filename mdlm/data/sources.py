@@ -194,25 +194,26 @@ class SourceFile:
 
 @dataclass
 class Source:
-    """A resolved ``data.source``: files (local or fsspec) or a Hugging Face split as an Arrow table."""
+    """A resolved ``data.source``: files (local or fsspec), or a Hugging Face split as its Arrow cache files
+    (``hf_files``: path, rows, bytes), which workers memory-map; the driver never loads the rows."""
 
     spec: str
     kind: str  # 'shakespeare', 'files' or 'hf'
     files: list[SourceFile] = field(default_factory=list)
     filesystem: Any = None  # pyarrow filesystem for non-local URLs (None: local paths)
-    hf_table: pa.Table | None = None
+    hf_files: list[tuple[str, int, int]] = field(default_factory=list)
     hf_key: str = ""
     hf_fingerprint: str = ""
 
     @property
     def num_bytes(self) -> int:
         if self.kind == "hf":
-            return self.hf_table.nbytes if self.hf_table is not None else 0
+            return sum(size for _, _, size in self.hf_files)
         return sum(f.size for f in self.files)
 
     def describe(self) -> dict[str, Any]:
         if self.kind == "hf":
-            return {"spec": self.spec, "kind": self.kind, "rows": self.hf_table.num_rows if self.hf_table else 0,
+            return {"spec": self.spec, "kind": self.kind, "rows": sum(rows for _, rows, _ in self.hf_files),
                     "dataset_fingerprint": self.hf_fingerprint}
         formats = sorted({f.format for f in self.files})
         return {"spec": self.spec, "kind": self.kind, "files": len(self.files),
@@ -225,17 +226,21 @@ class Source:
 
     def documents(self, config: DataConfig) -> Iterator[tuple[str, str]]:
         """Every document as ``(key, text)`` in corpus order, in this process (the Ray pipeline parses the
-        same way in its read tasks). Hugging Face rows with an empty text are skipped."""
+        same way in its workers). Hugging Face rows with an empty text are skipped."""
         if self.kind == "hf":
-            for row, text in enumerate(self.hf_table.column(config.text_field).to_pylist()):
-                if text:
-                    yield document_key(self.hf_key, row), text
+            row = 0
+            for path, rows, _ in self.hf_files:
+                for text in hf_slice(path, 0, rows, config.text_field).to_pylist():
+                    if text:
+                        yield document_key(self.hf_key, row), text
+                    row += 1
             return
         for file in self.files:
-            for index, text in file.documents(self._read(file), config):
+            for index, text in file.documents(self.read(file), config):
                 yield document_key(file.key, index), text
 
-    def _read(self, file: SourceFile) -> bytes:
+    def read(self, file: SourceFile) -> bytes:
+        """The bytes of one of its files; a :class:`DataError` naming it when it cannot be read."""
         try:
             if self.filesystem is None:
                 return Path(file.path).read_bytes()
@@ -243,6 +248,33 @@ class Source:
                 return stream.read()
         except OSError as exc:
             raise DataError(f"{file.path}: cannot read it ({exc})") from None
+
+
+def hf_slice(path: str, start: int, stop: int, column: str) -> pa.Array:
+    """Rows ``[start, stop)`` of ``column`` of a Hugging Face Arrow cache file (memory-mapped, no copy)."""
+    import pyarrow as pa
+
+    with pa.memory_map(path) as mapped:
+        reader = pa.ipc.open_stream(mapped)
+        kind = reader.schema.field(column).type
+        pieces, seen = [], 0
+        for batch in reader:
+            lo, hi = max(start - seen, 0), min(stop - seen, batch.num_rows)
+            if lo < hi:
+                pieces.append(batch.column(column).slice(lo, hi - lo))
+            seen += batch.num_rows
+            if seen >= stop:
+                break
+    return pa.concat_arrays(pieces) if pieces else pa.array([], kind)
+
+
+def _arrow_rows(path: str) -> tuple[int, pa.Schema]:
+    """Rows and schema of a Hugging Face Arrow cache file (batch headers only: memory-mapped, nothing copied)."""
+    import pyarrow as pa
+
+    with pa.memory_map(path) as mapped:
+        reader = pa.ipc.open_stream(mapped)
+        return sum(batch.num_rows for batch in reader), reader.schema
 
 
 def resolve_source(config: DataConfig) -> Source:
@@ -335,10 +367,21 @@ def _hf_source(config: DataConfig) -> Source:
         columns = ", ".join(map(repr, dataset.column_names[:10]))
         raise DataError(f"data.source={config.source!r}: no column {config.text_field!r} (columns: {columns}); "
                         "set data.text_field")
-    table = dataset.select_columns([config.text_field]).with_format("arrow")[:]
-    kind = table.schema.field(config.text_field).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-        raise DataError(f"data.source={config.source!r}: column {config.text_field!r} has type {kind}, "
-                        "not string")
+    cache = [entry["filename"] for entry in dataset.cache_files]
+    if not cache:
+        raise DataError(f"data.source={config.source!r}: the dataset has no Arrow files on disk (held in memory); "
+                        "save it with Dataset.save_to_disk or as parquet files and name those")
+    files = []
+    for path in cache:
+        rows, schema = _arrow_rows(path)
+        kind = schema.field(config.text_field).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise DataError(f"data.source={config.source!r}: column {config.text_field!r} has type {kind}, "
+                            "not string")
+        files.append((path, rows, os.path.getsize(path)))
+    if sum(rows for _, rows, _ in files) != dataset.num_rows:
+        raise DataError(f"data.source={config.source!r}: its Arrow files hold "
+                        f"{sum(rows for _, rows, _ in files)} rows, the split {dataset.num_rows} (a filtered or "
+                        "reordered dataset); save it with Dataset.save_to_disk and name that folder")
     key = f"hf:{name}:{subset}:{config.hf_split}"
-    return Source(config.source, "hf", hf_table=table, hf_key=key, hf_fingerprint=dataset._fingerprint)
+    return Source(config.source, "hf", hf_files=files, hf_key=key, hf_fingerprint=dataset._fingerprint)

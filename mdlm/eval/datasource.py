@@ -23,6 +23,7 @@ from ray.data.datasource import Datasource, ReadTask
 from mdlm.eval import EvalInputError
 from mdlm.eval.inputs import Corpus
 from mdlm.runtime import READ_CPUS
+from mdlm.storage import filesystem, is_url
 
 
 @dataclass
@@ -36,8 +37,16 @@ class SplitFiles:
     row_bytes: int
 
 
+def _parquet(path: str) -> pq.ParquetFile:
+    """A parquet file, local or at a URL (read through fsspec)."""
+    if not is_url(path):
+        return pq.ParquetFile(path)
+    fs, where = filesystem(path)
+    return pq.ParquetFile(fs.open(where, "rb"))
+
+
 def _split_columns(path: str, data: str) -> list[str]:
-    names = pq.read_schema(path).names
+    names = _parquet(path).schema_arrow.names
     if "input_ids" not in names:
         raise EvalInputError("data", f"{path}: no 'input_ids' column (columns: {', '.join(names)})", value=data)
     return [c for c in ("input_ids", "attention_mask") if c in names]
@@ -48,7 +57,7 @@ def split_files(corpus: Corpus) -> SplitFiles:
     rows."""
     data = str(corpus.path)
     files = corpus.manifest.split_files(corpus.split)
-    metadata = [pq.read_metadata(f) for f in files]
+    metadata = [_parquet(f).metadata for f in files]
     total = sum(m.num_rows for m in metadata)
     on_disk = sum(m.row_group(g).total_byte_size for m in metadata for g in range(m.num_row_groups))
     columns = _split_columns(files[0], data)
@@ -70,7 +79,7 @@ def _read_rows(corpus: int, files: Sequence[str], file_rows: Sequence[int], colu
     for path, count in zip(files, file_rows, strict=True):
         lo, hi = max(start, offset), min(stop, offset + count)
         if lo < hi:
-            parquet = pq.ParquetFile(path)
+            parquet = _parquet(path)
             groups, group_start, first_group_start = [], 0, None
             for g in range(parquet.metadata.num_row_groups):
                 n = parquet.metadata.row_group(g).num_rows

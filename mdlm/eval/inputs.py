@@ -15,6 +15,7 @@ from mdlm.config import DIFFUSION_KINDS, ConfigError, ModelConfig
 from mdlm.eval import EvalInputError
 from mdlm.eval.settings import parse_data_spec
 from mdlm.hub import TOKENIZER_NAME, WEIGHTS_NAME, read_model_config, resolve_model_dir
+from mdlm.storage import absolute
 
 
 @dataclass
@@ -57,7 +58,7 @@ class Corpus:
     """A prepared data directory and the split to evaluate."""
 
     name: str
-    path: Path
+    path: str  # a local directory or a URL
     manifest: Any  # Manifest
     split: str
     rows: int  # rows to evaluate (max_rows applied)
@@ -77,15 +78,18 @@ def open_corpus(spec: str, split: str, max_rows: int | None = None) -> Corpus:
     rows = manifest.rows(split)
     if rows < 1:
         raise EvalInputError("nelbo.split", f"the {split!r} split of {path} is empty")
-    return Corpus(name=name, path=Path(path), manifest=manifest, split=split,
+    return Corpus(name=name, path=absolute(path), manifest=manifest, split=split,
                   rows=min(rows, max_rows) if max_rows else rows)
 
 
-def _tokenizer_json(path: Path) -> dict[str, Any]:
-    """A tokenizer file as the tokenizers library serialises it (so formatting differences do not count)."""
+def _tokenizer_json(path: str | Path) -> dict[str, Any]:
+    """A tokenizer file (local or a URL) as the tokenizers library serialises it (so formatting differences do
+    not count)."""
     from tokenizers import Tokenizer
 
-    return json.loads(Tokenizer.from_file(str(path)).to_str())
+    from mdlm.storage import read_bytes
+
+    return json.loads(Tokenizer.from_str(read_bytes(path).decode()).to_str())
 
 
 def check_compatible(model: ModelInfo, corpus: Corpus) -> None:
@@ -101,8 +105,8 @@ def check_compatible(model: ModelInfo, corpus: Corpus) -> None:
     if config.mask_token_id is not None and manifest.mask_token_id != config.mask_token_id:
         raise EvalInputError("data", f"{where} has [MASK] = {manifest.mask_token_id}, {against} has "
                              f"{config.mask_token_id}", value=data)
-    if model.tokenizer_file is not None and Path(manifest.tokenizer_path).is_file() \
-            and _tokenizer_json(model.tokenizer_file) != _tokenizer_json(Path(manifest.tokenizer_path)):
+    if model.tokenizer_file is not None and _tokenizer_json(model.tokenizer_file) != _tokenizer_json(
+            manifest.tokenizer_path):
         raise EvalInputError("data", f"{where} differs from {against} tokenizer.json ({model.tokenizer_file})",
                              value=data)
     if manifest.block_size > config.max_seq_len:

@@ -14,7 +14,6 @@ either. The driver gathers the rows and computes :func:`~mdlm.eval.metrics.summa
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -114,7 +113,7 @@ def nelbo_job(model_ref: ray.ObjectRef, corpora: Sequence[Corpus], settings: Nel
     for c, corpus in enumerate(corpora):
         if seen[c] != corpus.rows or not np.array_equal(index[c], np.arange(corpus.rows)):
             raise RuntimeError(f"{corpus.path}: scored {seen[c]} rows, expected each of {corpus.rows} once")
-        results.append(CorpusResult(name=corpus.name, data_dir=str(Path(corpus.path).absolute()),
+        results.append(CorpusResult(name=corpus.name, data_dir=corpus.path,
                                     split=corpus.split, nll=nll[c], num_tokens=tokens[c],
                                     summary=summarize_nelbo(nll[c], tokens[c], confidence=settings.confidence),
                                     tokenizer=corpus.manifest.tokenizer))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
 
@@ -9,7 +10,7 @@ from mdlm.data.spec import DataSpec
 from mdlm.hub import write_model_dir
 from mdlm.model_card import ModelCardInfo
 from mdlm.modeling import MDLM, ARModel
-from mdlm.storage import is_url
+from mdlm.storage import is_url, read_bytes
 from mdlm.train.checkpoint import full_state_dict
 from mdlm.train.collectives import rank_and_world
 from mdlm.train.ema import EMA
@@ -24,10 +25,11 @@ def export_model(model: MDLM | ARModel, ema: EMA | None, export_dir: str, data: 
     if rank_and_world()[0] != 0:
         return
     tokenizer = None
-    if data.tokenizer_file and Path(data.tokenizer_file).is_file():
+    if data.tokenizer_file:
         from tokenizers import Tokenizer
 
-        tokenizer = Tokenizer.from_file(data.tokenizer_file)
+        with contextlib.suppress(FileNotFoundError):  # local or a URL (data prepared on object storage)
+            tokenizer = Tokenizer.from_str(read_bytes(data.tokenizer_file).decode())
 
     def write(path: str | Path) -> Path:
         return write_model_dir(path, model_type=model.model_type, model_config=model.config,

@@ -62,7 +62,7 @@ def load_data(config: Config):
     """The manifest of the prepared data; the default corpus is prepared on first use."""
     from mdlm.data.manifest import load_manifest
 
-    manifest_dir = Path(config.data.output_dir)
+    manifest_dir = config.data.output_dir  # a local directory or a URL
     command = (f"python pipelines/prepare_data.py data.source={config.data.source} "
                f"data.output_dir={config.data.output_dir} data.tokenizer={config.data.tokenizer} "
                f"data.block_size={config.data.block_size} data.packing={config.data.packing}")
@@ -270,7 +270,8 @@ def _log_run_files(tracking_uri: str, run_id: str, config: Config, manifest) -> 
         Path(tmp, "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         Path(tmp, "manifest.json").write_text(json.dumps(manifest.to_dict(), indent=1, default=str))
         tracking.log_artifacts(tracking_uri, run_id, tmp, "run")
-    tracking.log_dataset(tracking_uri, run_id, Path(str(manifest.root)).name, str(manifest.root), manifest.fingerprint)
+    tracking.log_dataset(tracking_uri, run_id, str(manifest.root).rstrip("/").rsplit("/", 1)[-1], str(manifest.root),
+                         manifest.fingerprint)
 
 
 def _log_text(tracking_uri: str, run_id: str, name: str, text: str) -> None:
