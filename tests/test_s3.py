@@ -114,3 +114,66 @@ def test_workers_write_shards_to_s3_and_the_manifest_commits_them(s3, tmp_path: 
         prepare_dataset(DataConfig(output_dir=s3.url("prepared/broken"), **{**settings, "source": str(broken)}),
                         progress=False)
     assert s3.keys("prepared/broken") == []  # no stray objects
+
+
+def test_the_whole_pipeline_on_s3(s3, tmp_path: Path, ray_local, monkeypatch):
+    """Corpus, prepared data, checkpoints, export and MLflow artifacts all on the S3 server, configured by the
+    standard variables and s3:// paths only: prepare -> train -> resubmit the same run name (resumes from the
+    checkpoint on S3) -> export and register -> models:/NAME@ALIAS loads and generates."""
+    import logging
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    from mdlm.config import load_config
+    from mdlm.train.launcher import train
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    fs, _ = fsspec.core.url_to_fs(s3.url())
+    for i, path in enumerate(shakespeare_files()[:3]):
+        fs.pipe_file(s3.url(f"pipeline/corpus/{i}.txt"), path.read_bytes())
+    overrides = [f"data.source={s3.url('pipeline/corpus')}", f"data.output_dir={s3.url('pipeline/prepared')}",
+                 "data.tokenizer=bpe", "data.tokenizer_vocab_size=300", "data.block_size=32",
+                 f"run.storage_path={s3.url('pipeline/runs')}", "run.name=s3run", "run.registered_model=mdlm-s3",
+                 "run.num_workers=1", "run.checkpoint_every=2", "run.eval_batches=1", "model.n_layers=1",
+                 "model.hidden_size=32", "model.n_heads=2", "model.cond_dim=16", "training.global_batch_size=8",
+                 "training.micro_batch_size=8", "training.log_every=1", "training.warmup_steps=1",
+                 "sampling.steps=4", "sampling.num_samples=1"]
+    prepared = prepare_dataset(load_config("cpu-ray", overrides).data, progress=False)
+    assert prepared.root == s3.url("pipeline/prepared") and prepared.rows("train") > 0
+
+    first = train(load_config("cpu-ray", [*overrides, "training.max_steps=4"]))
+    assert first.metrics["step"] == 4 and first.export_dir == s3.url("pipeline/runs/s3run/model")
+    checkpoints = {k.split("/")[3] for k in s3.keys("pipeline/runs/s3run/") if "/checkpoint_" in k}
+    assert len(checkpoints) >= 1
+
+    said: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: said.append(record.getMessage())
+    loop_logger = logging.getLogger("mdlm.train.loop")
+    loop_logger.addHandler(handler)
+    level = loop_logger.level
+    loop_logger.setLevel(logging.INFO)
+    try:
+        second = train(load_config("cpu-ray", [*overrides, "training.max_steps=6"]))
+    finally:
+        loop_logger.removeHandler(handler)
+        loop_logger.setLevel(level)
+    assert second.mlflow_run_id == first.mlflow_run_id and second.metrics["step"] == 6
+    resumed = [m for m in said if m.startswith("resumed from ")]
+    assert resumed and "mdlm/pipeline/runs/s3run/checkpoint_" in resumed[0] and resumed[0].endswith("at step 4")
+    client = MlflowClient()
+    steps = [m.step for m in client.get_metric_history(first.mlflow_run_id, "loss")]
+    assert steps == list(range(1, 7))  # every step once, across the resubmission
+
+    keys = s3.keys("pipeline/runs/")
+    assert "pipeline/runs/s3run/model/model.safetensors" in keys
+    assert any(k.startswith("pipeline/runs/mlartifacts/") and k.endswith("/artifacts/model/model.safetensors")
+               for k in keys)  # the registered model's artifacts live on S3 too
+    version = client.get_model_version_by_alias("mdlm-s3", "current")
+    assert str(version.version) == "2"  # registered by each of the two submissions
+    predicted = mlflow.pyfunc.load_model("models:/mdlm-s3@current").predict(
+        ["ROMEO."], params={"steps": 4, "length": 16, "seed": 0})
+    assert len(predicted) == 1 and predicted[0].startswith("ROMEO.") and len(predicted[0]) > len("ROMEO.")
+    model = load_pretrained("models:/mdlm-s3@current")
+    assert model.generate("ROMEO.", num_samples=1, length=16, steps=4, seed=0)[0].startswith("ROMEO.")

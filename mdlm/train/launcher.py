@@ -11,10 +11,12 @@ stages, and the workers' progress lines (:mod:`mdlm.train.console`), are logged 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,29 @@ def _runs_root(config: Config) -> Path:
     """Local folder for the sqlite tracking store and artifacts: the parent of a local storage path."""
     storage = config.run.storage_path
     return Path(storage).absolute().parent if not is_url(storage) else Path("runs").absolute()
+
+
+def artifact_root(config: Config) -> str:
+    """Where a new MLflow experiment keeps its artifacts: beside the checkpoints when ``run.storage_path`` is an
+    object-store URL (``<storage_path>/mlartifacts``), else ``runs/mlartifacts`` beside the local store."""
+    if is_url(config.run.storage_path):
+        return join(absolute(config.run.storage_path), "mlartifacts")
+    return str(_runs_root(config) / "mlartifacts")
+
+
+@contextlib.contextmanager
+def local_model_dir(export_dir: str) -> Iterator[Path]:
+    """The exported model as a local folder: itself, or (a URL) a temporary copy downloaded from it."""
+    if not is_url(export_dir):
+        yield Path(export_dir)
+        return
+    from mdlm.storage import filesystem
+
+    fs, where = filesystem(export_dir)
+    with tempfile.TemporaryDirectory(prefix="mdlm-export-") as tmp:
+        if fs.exists(f"{where.rstrip('/')}/config.json"):
+            fs.get(f"{where.rstrip('/')}/", f"{tmp}/model/", recursive=True)
+        yield Path(tmp) / "model"
 
 
 def load_data(config: Config):
@@ -151,7 +176,7 @@ def train(config: Config) -> TrainResult:
     storage = absolute(run.storage_path)
     runs_root = _runs_root(config)
     tracking_uri = tracking.default_tracking_uri(runs_root)
-    experiment_id = tracking.ensure_experiment(tracking_uri, run.mlflow_experiment, runs_root / "mlartifacts")
+    experiment_id = tracking.ensure_experiment(tracking_uri, run.mlflow_experiment, artifact_root(config))
     run_id, resumed = tracking.find_or_create_run(tracking_uri, experiment_id, run.name, storage, config.flat())
     logger.info(f"MLflow run {run_id} ({'continued' if resumed else 'new'}) in {tracking_uri}")
     if not resumed:
@@ -187,11 +212,12 @@ def train(config: Config) -> TrainResult:
     out = TrainResult(run_name=run.name, mlflow_run_id=run_id, tracking_uri=tracking_uri, export_dir=spec.export_dir,
                       checkpoint=result.checkpoint.path if result.checkpoint else None, metrics=metrics,
                       ray_logs=output.ray_logs_dir())
-    if not is_url(spec.export_dir) and Path(spec.export_dir, "config.json").is_file():
-        logger.info(f"exported the model to {spec.export_dir}")
-        register_export(config, tracking_uri, run_id, spec.export_dir, metrics=metrics)
-        out.samples = _samples(config, spec.export_dir)
-        _log_text(tracking_uri, run_id, "samples.txt", "\n\n---\n\n".join(out.samples))
+    with local_model_dir(spec.export_dir) as exported:  # an export to a URL: registered from a local copy
+        if Path(exported, "config.json").is_file():
+            logger.info(f"exported the model to {spec.export_dir}")
+            register_export(config, tracking_uri, run_id, str(exported), metrics=metrics)
+            out.samples = _samples(config, str(exported))
+            _log_text(tracking_uri, run_id, "samples.txt", "\n\n---\n\n".join(out.samples))
     tracking.finish_run(tracking_uri, run_id)
     return out
 
