@@ -3,7 +3,8 @@
 Every YAML parses; autoscaler configs pass Ray's own schema and config preparation; KubeRay resources carry the
 fields KubeRay needs and the installed Ray version; Serve configs pass Serve's schema and name the mdlm
 application; every ``python .../pipelines/X.py ...`` command anywhere in cluster/ names a script of this
-repository and its ``--preset`` and ``a.b=value`` overrides pass mdlm's own config loading.
+repository and its ``--preset`` and ``a.b=value`` overrides pass mdlm's own config loading. The object-storage
+variants (OBJECT_STORAGE) depend on no shared file system: every path they read or write is a bucket URL.
 """
 
 from __future__ import annotations
@@ -24,8 +25,13 @@ from mdlm.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
-AUTOSCALER = ["aws.yaml", "gcp.yaml"]
-SERVE_CONFIGS = ["serve.yaml", "serve-local.yaml"]
+AUTOSCALER = ["aws.yaml", "gcp.yaml", "aws-s3.yaml", "gcp-gcs.yaml"]
+SERVE_CONFIGS = ["serve.yaml", "serve-local.yaml", "serve-s3.yaml", "serve-gcs.yaml"]
+# The variants with everything on a bucket and no shared file system: file -> the URL scheme of their paths.
+OBJECT_STORAGE = {"aws-s3.yaml": "s3://", "gcp-gcs.yaml": "gs://", "serve-s3.yaml": "s3://", "serve-gcs.yaml": "gs://",
+                  "kuberay/shared-s3.yaml": "s3://", "kuberay/rayjob-train-s3.yaml": "s3://",
+                  "kuberay/rayservice-s3.yaml": "s3://"}
+SHARED_ROOT = "/mnt/shared/"  # where the other configs mount the shared file system
 KUBERAY_KINDS = {"RayCluster", "RayJob", "RayService"}
 SERVE_IMPORT_PATH = "mdlm.serve.app:build_app"
 SERVE_ARGS = {"model", "device", "max_batch_size", "batch_wait_timeout_s", "num_cpus"}  # used by the configs
@@ -79,28 +85,34 @@ def text_lines(text: str, comments_only: bool = False) -> list[str]:
 PIPELINE_COMMAND = re.compile(r"\bpython3?\s+(\S*pipelines/[\w-]+\.py)((?:\s+[^\s&;|]+)*)")
 
 
-def pipeline_commands() -> list[tuple[str, str, list[str]]]:
-    """(where, script path as written, arguments) of every pipelines/ command in cluster/ (YAML string values,
-    comments, README code), deduplicated."""
-    sources: list[tuple[str, str]] = []
-    for path in sorted(CLUSTER.rglob("*")):
-        if not path.is_file():
-            continue
-        name = str(path.relative_to(CLUSTER))
-        sources += [(name, line) for line in text_lines(path.read_text(), comments_only=path.suffix == ".yaml")]
-        if path.suffix == ".yaml":
-            for doc in load_docs(path):
-                for value in strings(doc):
-                    sources += [(name, " ".join(value.split()))]
-                    if value.lstrip().startswith(("applications:", "http_options:")):  # serveConfigV2
-                        sources += [(name, " ".join(s.split())) for s in strings(yaml.safe_load(value))]
+def commands_in(path: Path) -> list[tuple[str, list[str]]]:
+    """(script path as written, arguments) of every pipelines/ command in one file of cluster/ (YAML string
+    values, comments, README code), deduplicated."""
+    texts = text_lines(path.read_text(), comments_only=path.suffix == ".yaml")
+    if path.suffix == ".yaml":
+        for doc in load_docs(path):
+            for value in strings(doc):
+                texts.append(" ".join(value.split()))
+                if value.lstrip().startswith(("applications:", "http_options:")):  # serveConfigV2
+                    texts += [" ".join(s.split()) for s in strings(yaml.safe_load(value))]
     seen, out = set(), []
-    for where, text in sources:
+    for text in texts:
         for match in PIPELINE_COMMAND.finditer(text):
             key = (match.group(1), match.group(2).strip())
             if key not in seen:
                 seen.add(key)
-                out.append((where, match.group(1), shlex.split(match.group(2))))
+                out.append((match.group(1), shlex.split(match.group(2))))
+    return out
+
+
+def pipeline_commands() -> list[tuple[str, str, list[str]]]:
+    """(where, script path as written, arguments) of every pipelines/ command in cluster/, deduplicated."""
+    seen, out = set(), []
+    for path in sorted(p for p in CLUSTER.rglob("*") if p.is_file()):
+        for script, argv in commands_in(path):
+            if (script, tuple(argv)) not in seen:
+                seen.add((script, tuple(argv)))
+                out.append((str(path.relative_to(CLUSTER)), script, argv))
     return out
 
 
@@ -153,7 +165,7 @@ def test_autoscaler_config_passes_rays_schema_and_preparation(name):
     jsonschema.validate(config, autoscaler_schema())
     prepared = prepare_config(copy.deepcopy(config))  # what `ray up` does before it calls the cloud
     validate_config(prepared)
-    assert prepared["provider"]["type"] == name.removesuffix(".yaml")
+    assert prepared["provider"]["type"] == name.removesuffix(".yaml").split("-")[0]
 
 
 @pytest.mark.parametrize("name", AUTOSCALER)
@@ -196,6 +208,10 @@ def test_no_cluster_file_switches_authentication_off():
         assert "RAY_AUTH_MODE=disabled" not in path.read_text(), path
         assert "mode: disabled" not in path.read_text(), path
 
+# pip install -e of the synced project, with or without extras: -e /home/ray/mdlm or -e '/home/ray/mdlm[s3]'.
+EDITABLE_INSTALL = rf"pip install --quiet -e '?{re.escape(REMOTE_PROJECT)}(\[[\w,]+\])?'?(\s|$)"
+
+
 def _torch_pin() -> str:
     pin = re.search(r"^torch==(\S+)$", (ROOT / "constraints.txt").read_text(), flags=re.MULTILINE)
     assert pin, "constraints.txt pins torch"
@@ -209,12 +225,12 @@ def test_autoscaler_installs_the_project_with_the_right_torch(name):
     assert config["file_mounts"][REMOTE_PROJECT] == "."
     cpu_setup = " ".join(config["setup_commands"])
     assert pin in cpu_setup and "download.pytorch.org/whl/cpu" in cpu_setup
-    assert f"pip install --quiet -e {REMOTE_PROJECT}" in cpu_setup
+    assert re.search(EDITABLE_INSTALL, cpu_setup)
     for node in config["available_node_types"].values():
         if node["resources"].get("GPU"):
             gpu_setup = " ".join(node["worker_setup_commands"])  # replaces setup_commands on GPU nodes
             assert pin in gpu_setup and "whl/cpu" not in gpu_setup and "torch.version.cuda" in gpu_setup
-            assert f"-e {REMOTE_PROJECT}" in gpu_setup
+            assert re.search(EDITABLE_INSTALL, gpu_setup)
             assert node["docker"]["worker_image"].endswith("-gpu")
     assert not any(pattern.lstrip("/*").startswith(("data", "mdlm")) and not pattern.startswith("/")
                    for pattern in config["rsync_exclude"]), "unanchored excludes would drop mdlm/data"
@@ -254,11 +270,22 @@ def test_cluster_commands_use_existing_scripts_and_valid_overrides():
         args = script_parser(local).parse_args(argv)
         assert all("=" in o for o in args.overrides), f"{where}: {argv}"
         load_config(args.preset, args.overrides)  # raises ConfigError on any unknown key or bad value
-        # Multi-node: whatever the command writes or reads must be on the shared file system.
-        given = dict(o.split("=", 1) for o in args.overrides)
-        needed = ["data.output_dir"] + (["run.storage_path"] if local.name == "train.py" else [])
-        for key in needed:
-            assert given.get(key, "").startswith("/mnt/shared/"), f"{where}: {key} must be set under /mnt/shared"
+        # Multi-node: whatever the command writes or reads must be on the shared file system or a bucket.
+        for key, value in _storage_paths(local.name, args.overrides).items():
+            assert value.startswith((SHARED_ROOT, *URL_SCHEMES)), \
+                f"{where}: {key} must be set under {SHARED_ROOT} or to a bucket URL, got {value!r}"
+
+
+URL_SCHEMES = ("s3://", "gs://")
+
+
+def _storage_paths(script: str, overrides: list[str]) -> dict[str, str]:
+    """The paths a pipelines/ command writes or reads on several nodes (unset ones as ''): data.output_dir;
+    for train.py run.storage_path, and run.export_dir when given."""
+    given = dict(o.split("=", 1) for o in overrides)
+    keys = ["data.output_dir"] + (["run.storage_path"] if script == "train.py" else [])
+    keys += [k for k in ("run.export_dir",) if k in given]
+    return {key: given.get(key, "") for key in keys}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -301,7 +328,8 @@ def test_kuberay_resource(where, doc):
         for container in pod["containers"]:
             assert container["name"] and container["image"]
             assert {m["name"] for m in container.get("volumeMounts", [])} <= volumes
-            assert any(m["mountPath"] == "/mnt/shared" for m in container["volumeMounts"])
+            shared = any(m["mountPath"] == SHARED_ROOT.rstrip("/") for m in container.get("volumeMounts", []))
+            assert shared != (where.split(":")[0] in OBJECT_STORAGE), f"{where}: {SHARED_ROOT} mounted or not"
             env = {e["name"]: e.get("value") for e in container.get("env", [])}
             assert env.get("MLFLOW_TRACKING_URI", "").startswith("http"), f"{where}: shared MLflow server"
     assert cluster["authOptions"] == {"mode": "token"}, f"{where}: Ray's token authentication on"
