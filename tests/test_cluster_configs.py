@@ -383,3 +383,147 @@ def test_serve_args_accepted_by_the_application(where, config):
     settings = pytest.importorskip("mdlm.serve.settings")
     parsed = settings.serve_config_from_dict(config["applications"][0]["args"])
     assert parsed.device == config["applications"][0]["args"]["device"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Object storage instead of a shared file system
+
+
+def test_object_storage_variants_are_listed_and_present():
+    assert OBJECT_STORAGE
+    for name in OBJECT_STORAGE:
+        assert (CLUSTER / name).is_file(), name
+    assert {n for n in OBJECT_STORAGE if n in AUTOSCALER} == {"aws-s3.yaml", "gcp-gcs.yaml"}
+    assert {n for n in OBJECT_STORAGE if n in SERVE_CONFIGS} == {"serve-s3.yaml", "serve-gcs.yaml"}
+    assert {w.split(":")[0] for w, _ in kuberay_docs()} & set(OBJECT_STORAGE)
+
+
+# A shared file system in a parsed value: its mount point, an NFS mount, an EFS or Filestore address.
+SHARED_FS = re.compile(r"/mnt/shared|\bnfs\d?\b|mount\s+-t|\.efs\.|filestore", re.IGNORECASE)
+
+
+@pytest.mark.parametrize("name", sorted(OBJECT_STORAGE))
+def test_object_storage_variant_mounts_no_shared_file_system(name):
+    """No NFS/EFS/Filestore mount or address and no /mnt/shared in any value (comments may name them); the VMs
+    mount nothing into their containers; on Kubernetes no ReadWriteMany claim and no Ray pod volume other
+    than emptyDir."""
+    docs = load_docs(CLUSTER / name)
+    for value in (s for doc in docs for s in strings(doc)):
+        assert not SHARED_FS.search(value), f"{name}: {value!r}"
+    for doc in docs:
+        if "provider" in doc:  # autoscaler
+            assert not any(o.startswith(("-v ", "--volume", "--mount")) for o in doc["docker"].get("run_options", []))
+            assert set(doc["file_mounts"]) == {REMOTE_PROJECT, "/home/ray/.ray/auth_token"}
+            assert not doc.get("initialization_commands"), "nothing to mount on the hosts"
+        if doc.get("kind") == "PersistentVolumeClaim":
+            assert "ReadWriteMany" not in doc["spec"]["accessModes"], f"{name}: a shared volume"
+        if str(doc.get("apiVersion", "")).startswith("ray.io/"):
+            for pod in _pod_specs(_cluster_spec(doc)):
+                for volume in pod.get("volumes", []):
+                    assert set(volume) == {"name", "emptyDir"}, f"{name}: {volume}"
+
+
+def _object_url(value: str, scheme: str) -> bool:
+    return value.startswith(scheme) and len(value) > len(scheme) and not value[len(scheme):].startswith("/")
+
+
+@pytest.mark.parametrize("name", sorted(n for n in OBJECT_STORAGE if commands_in(CLUSTER / n)))
+def test_object_storage_commands_keep_everything_on_the_bucket(name):
+    """Each variant prepares and trains; every data.output_dir, run.storage_path and run.export_dir of its
+    commands, and the corpus (data.source) unless it is the bundled default, is a URL of the file's bucket."""
+    scheme = OBJECT_STORAGE[name]
+    commands = commands_in(CLUSTER / name)
+    assert {Path(script).name for script, _ in commands} >= {"prepare_data.py", "train.py"}, name
+    for script, argv in commands:
+        args = script_parser(ROOT / "pipelines" / Path(script).name).parse_args(argv)
+        paths = _storage_paths(Path(script).name, args.overrides)
+        source = dict(o.split("=", 1) for o in args.overrides).get("data.source", "shakespeare")
+        if source != "shakespeare":
+            paths["data.source"] = source
+        for key, value in paths.items():
+            assert _object_url(value, scheme), f"{name}: {key}={value!r} is not an {scheme} URL"
+
+
+@pytest.mark.parametrize("name", sorted(n for n in OBJECT_STORAGE if n in SERVE_CONFIGS or "rayservice" in n))
+def test_object_storage_serves_the_model_from_the_bucket(name):
+    configs = [c for w, c in serve_configs() if w == name or w.split(":")[0] == name]
+    assert configs, name
+    for config in configs:
+        model = config["applications"][0]["args"]["model"]
+        assert _object_url(model, OBJECT_STORAGE[name]) and model.endswith("/model"), f"{name}: {model}"
+
+
+def _mlflow_server_commands(name: str) -> list[str]:
+    docs = load_docs(CLUSTER / name)
+    found = [" ".join(s.split()) for doc in docs for s in strings(doc) if "mlflow server" in s]
+    return found
+
+
+@pytest.mark.parametrize("name", ["aws-s3.yaml", "gcp-gcs.yaml", "kuberay/shared-s3.yaml"])
+def test_object_storage_mlflow_keeps_artifacts_on_the_bucket(name):
+    """The MLflow server's artifacts go to the bucket (proxied), its run records to a local store of its own, and
+    it creates the `mdlm` experiment itself once up (an experiment a job created would put its artifacts on the
+    driver's disk)."""
+    servers = _mlflow_server_commands(name)
+    assert len(servers) == 1, name
+    destination = re.search(r"--(?:artifacts-destination|default-artifact-root)\s+(\S+)", servers[0])
+    assert destination and _object_url(destination.group(1), OBJECT_STORAGE[name]), servers[0]
+    assert "--no-serve-artifacts" not in servers[0]
+    backend = re.search(r"--backend-store-uri\s+(\S+)", servers[0])
+    assert backend and not SHARED_FS.search(backend.group(1))
+    text = " ".join(" ".join(s.split()) for doc in load_docs(CLUSTER / name) for s in strings(doc))
+    assert "c.get_experiment_by_name('mdlm') or c.create_experiment('mdlm')" in text
+    from mdlm.config import RunConfig
+
+    assert RunConfig().mlflow_experiment == "mdlm"
+
+
+def test_object_storage_clients_are_installed():
+    """s3: the project's s3 extra on every node type (and in the KubeRay image); gs: gcsfs and
+    google-cloud-storage under the project's pins."""
+    for name, scheme in (("aws-s3.yaml", "s3://"), ("gcp-gcs.yaml", "gs://")):
+        config = yaml.safe_load((CLUSTER / name).read_text())
+        setups = [config["setup_commands"]] + [node["worker_setup_commands"]
+                                               for node in config["available_node_types"].values()
+                                               if "worker_setup_commands" in node]
+        assert len(setups) >= 2, name
+        for setup in setups:
+            joined = " ".join(setup)
+            if scheme == "s3://":
+                assert f"-e '{REMOTE_PROJECT}[s3]'" in joined, f"{name}: {joined}"
+            else:
+                assert re.search(rf"pip install --quiet gcsfs google-cloud-storage -c {REMOTE_PROJECT}/"
+                                 r"constraints\.txt", joined), f"{name}: {joined}"
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    assert "-e '/home/ray/mdlm[s3]'" in dockerfile
+    assert (ROOT / "constraints.txt").is_file()
+    extras = re.search(r"^s3\s*=\s*\[(.*)\]", (ROOT / "pyproject.toml").read_text(), flags=re.M)
+    assert extras and "s3fs" in extras.group(1) and "boto3" in extras.group(1)
+
+
+def test_object_storage_credentials_are_never_literal():
+    """Workers get the bucket through instance profiles / service accounts; on Kubernetes the AWS keys come
+    from a Secret by reference (or the ServiceAccount's role), never as values."""
+    aws = yaml.safe_load((CLUSTER / "aws-s3.yaml").read_text())
+    gcp = yaml.safe_load((CLUSTER / "gcp-gcs.yaml").read_text())
+    for config, key in ((aws, "IamInstanceProfile"), (gcp, "serviceAccounts")):
+        for name, node in config["available_node_types"].items():
+            if name != config["head_node_type"]:  # the head gets Ray's default profile / account
+                assert key in node["node_config"], name
+    for name in OBJECT_STORAGE:
+        text = (CLUSTER / name).read_text()
+        assert not re.search(r"AKIA[0-9A-Z]{12,}", text), name
+        for doc in load_docs(CLUSTER / name):
+            for node in _dicts(doc):
+                if node.get("name") in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+                    assert "value" not in node and "secretKeyRef" in node["valueFrom"], f"{name}: {node}"
+        for value in (s for doc in load_docs(CLUSTER / name) for s in strings(doc)):
+            assert not re.search(r"AWS_(ACCESS_KEY_ID|SECRET_ACCESS_KEY)=\S", value), f"{name}: {value!r}"
+
+
+def _dicts(node: Any) -> list[dict[str, Any]]:
+    if isinstance(node, dict):
+        return [node, *(d for value in node.values() for d in _dicts(value))]
+    if isinstance(node, list):
+        return [d for value in node for d in _dicts(value)]
+    return []
