@@ -444,6 +444,21 @@ def test_object_storage_commands_keep_everything_on_the_bucket(name):
             assert _object_url(value, scheme), f"{name}: {key}={value!r} is not an {scheme} URL"
 
 
+def test_object_storage_readme_commands_keep_everything_on_the_bucket():
+    """The README's object-storage walk-through: its commands name bucket URLs only."""
+    text = (CLUSTER / "README.md").read_text()
+    section = text.split("## Object storage instead of a shared file system", 1)
+    assert len(section) == 2, "README: the object-storage section"
+    body = section[1].split("\n## ", 1)[0]
+    found = [m for line in text_lines(body) for m in PIPELINE_COMMAND.finditer(line)]
+    assert found
+    for match in found:
+        script = Path(match.group(1)).name
+        args = script_parser(ROOT / "pipelines" / script).parse_args(shlex.split(match.group(2)))
+        for key, value in _storage_paths(script, args.overrides).items():
+            assert value.startswith(URL_SCHEMES), f"README: {key}={value!r}"
+
+
 @pytest.mark.parametrize("name", sorted(n for n in OBJECT_STORAGE if n in SERVE_CONFIGS or "rayservice" in n))
 def test_object_storage_serves_the_model_from_the_bucket(name):
     configs = [c for w, c in serve_configs() if w == name or w.split(":")[0] == name]
