@@ -3,7 +3,8 @@
 Every YAML parses; autoscaler configs pass Ray's own schema and config preparation; KubeRay resources carry the
 fields KubeRay needs and the installed Ray version; Serve configs pass Serve's schema and name the mdlm
 application; every ``python .../pipelines/X.py ...`` command anywhere in cluster/ names a script of this
-repository and its ``--preset`` and ``a.b=value`` overrides pass mdlm's own config loading.
+repository and its ``--preset`` and ``a.b=value`` overrides pass mdlm's own config loading. The object-storage
+variants (OBJECT_STORAGE) depend on no shared file system: every path they read or write is a bucket URL.
 """
 
 from __future__ import annotations
@@ -24,8 +25,13 @@ from mdlm.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
-AUTOSCALER = ["aws.yaml", "gcp.yaml"]
-SERVE_CONFIGS = ["serve.yaml", "serve-local.yaml"]
+AUTOSCALER = ["aws.yaml", "gcp.yaml", "aws-s3.yaml", "gcp-gcs.yaml"]
+SERVE_CONFIGS = ["serve.yaml", "serve-local.yaml", "serve-s3.yaml", "serve-gcs.yaml"]
+# The variants with everything on a bucket and no shared file system: file -> the URL scheme of their paths.
+OBJECT_STORAGE = {"aws-s3.yaml": "s3://", "gcp-gcs.yaml": "gs://", "serve-s3.yaml": "s3://", "serve-gcs.yaml": "gs://",
+                  "kuberay/shared-s3.yaml": "s3://", "kuberay/rayjob-train-s3.yaml": "s3://",
+                  "kuberay/rayservice-s3.yaml": "s3://"}
+SHARED_ROOT = "/mnt/shared/"  # where the other configs mount the shared file system
 KUBERAY_KINDS = {"RayCluster", "RayJob", "RayService"}
 SERVE_IMPORT_PATH = "mdlm.serve.app:build_app"
 SERVE_ARGS = {"model", "device", "max_batch_size", "batch_wait_timeout_s", "num_cpus"}  # used by the configs
@@ -79,28 +85,34 @@ def text_lines(text: str, comments_only: bool = False) -> list[str]:
 PIPELINE_COMMAND = re.compile(r"\bpython3?\s+(\S*pipelines/[\w-]+\.py)((?:\s+[^\s&;|]+)*)")
 
 
-def pipeline_commands() -> list[tuple[str, str, list[str]]]:
-    """(where, script path as written, arguments) of every pipelines/ command in cluster/ (YAML string values,
-    comments, README code), deduplicated."""
-    sources: list[tuple[str, str]] = []
-    for path in sorted(CLUSTER.rglob("*")):
-        if not path.is_file():
-            continue
-        name = str(path.relative_to(CLUSTER))
-        sources += [(name, line) for line in text_lines(path.read_text(), comments_only=path.suffix == ".yaml")]
-        if path.suffix == ".yaml":
-            for doc in load_docs(path):
-                for value in strings(doc):
-                    sources += [(name, " ".join(value.split()))]
-                    if value.lstrip().startswith(("applications:", "http_options:")):  # serveConfigV2
-                        sources += [(name, " ".join(s.split())) for s in strings(yaml.safe_load(value))]
+def commands_in(path: Path) -> list[tuple[str, list[str]]]:
+    """(script path as written, arguments) of every pipelines/ command in one file of cluster/ (YAML string
+    values, comments, README code), deduplicated."""
+    texts = text_lines(path.read_text(), comments_only=path.suffix == ".yaml")
+    if path.suffix == ".yaml":
+        for doc in load_docs(path):
+            for value in strings(doc):
+                texts.append(" ".join(value.split()))
+                if value.lstrip().startswith(("applications:", "http_options:")):  # serveConfigV2
+                    texts += [" ".join(s.split()) for s in strings(yaml.safe_load(value))]
     seen, out = set(), []
-    for where, text in sources:
+    for text in texts:
         for match in PIPELINE_COMMAND.finditer(text):
             key = (match.group(1), match.group(2).strip())
             if key not in seen:
                 seen.add(key)
-                out.append((where, match.group(1), shlex.split(match.group(2))))
+                out.append((match.group(1), shlex.split(match.group(2))))
+    return out
+
+
+def pipeline_commands() -> list[tuple[str, str, list[str]]]:
+    """(where, script path as written, arguments) of every pipelines/ command in cluster/, deduplicated."""
+    seen, out = set(), []
+    for path in sorted(p for p in CLUSTER.rglob("*") if p.is_file()):
+        for script, argv in commands_in(path):
+            if (script, tuple(argv)) not in seen:
+                seen.add((script, tuple(argv)))
+                out.append((str(path.relative_to(CLUSTER)), script, argv))
     return out
 
 
@@ -153,7 +165,7 @@ def test_autoscaler_config_passes_rays_schema_and_preparation(name):
     jsonschema.validate(config, autoscaler_schema())
     prepared = prepare_config(copy.deepcopy(config))  # what `ray up` does before it calls the cloud
     validate_config(prepared)
-    assert prepared["provider"]["type"] == name.removesuffix(".yaml")
+    assert prepared["provider"]["type"] == name.removesuffix(".yaml").split("-")[0]
 
 
 @pytest.mark.parametrize("name", AUTOSCALER)
@@ -196,6 +208,10 @@ def test_no_cluster_file_switches_authentication_off():
         assert "RAY_AUTH_MODE=disabled" not in path.read_text(), path
         assert "mode: disabled" not in path.read_text(), path
 
+# pip install -e of the synced project, with or without extras: -e /home/ray/mdlm or -e '/home/ray/mdlm[s3]'.
+EDITABLE_INSTALL = rf"pip install --quiet -e '?{re.escape(REMOTE_PROJECT)}(\[[\w,]+\])?'?(\s|$)"
+
+
 def _torch_pin() -> str:
     pin = re.search(r"^torch==(\S+)$", (ROOT / "constraints.txt").read_text(), flags=re.MULTILINE)
     assert pin, "constraints.txt pins torch"
@@ -209,12 +225,12 @@ def test_autoscaler_installs_the_project_with_the_right_torch(name):
     assert config["file_mounts"][REMOTE_PROJECT] == "."
     cpu_setup = " ".join(config["setup_commands"])
     assert pin in cpu_setup and "download.pytorch.org/whl/cpu" in cpu_setup
-    assert f"pip install --quiet -e {REMOTE_PROJECT}" in cpu_setup
+    assert re.search(EDITABLE_INSTALL, cpu_setup)
     for node in config["available_node_types"].values():
         if node["resources"].get("GPU"):
             gpu_setup = " ".join(node["worker_setup_commands"])  # replaces setup_commands on GPU nodes
             assert pin in gpu_setup and "whl/cpu" not in gpu_setup and "torch.version.cuda" in gpu_setup
-            assert f"-e {REMOTE_PROJECT}" in gpu_setup
+            assert re.search(EDITABLE_INSTALL, gpu_setup)
             assert node["docker"]["worker_image"].endswith("-gpu")
     assert not any(pattern.lstrip("/*").startswith(("data", "mdlm")) and not pattern.startswith("/")
                    for pattern in config["rsync_exclude"]), "unanchored excludes would drop mdlm/data"
@@ -254,11 +270,22 @@ def test_cluster_commands_use_existing_scripts_and_valid_overrides():
         args = script_parser(local).parse_args(argv)
         assert all("=" in o for o in args.overrides), f"{where}: {argv}"
         load_config(args.preset, args.overrides)  # raises ConfigError on any unknown key or bad value
-        # Multi-node: whatever the command writes or reads must be on the shared file system.
-        given = dict(o.split("=", 1) for o in args.overrides)
-        needed = ["data.output_dir"] + (["run.storage_path"] if local.name == "train.py" else [])
-        for key in needed:
-            assert given.get(key, "").startswith("/mnt/shared/"), f"{where}: {key} must be set under /mnt/shared"
+        # Multi-node: whatever the command writes or reads must be on the shared file system or a bucket.
+        for key, value in _storage_paths(local.name, args.overrides).items():
+            assert value.startswith((SHARED_ROOT, *URL_SCHEMES)), \
+                f"{where}: {key} must be set under {SHARED_ROOT} or to a bucket URL, got {value!r}"
+
+
+URL_SCHEMES = ("s3://", "gs://")
+
+
+def _storage_paths(script: str, overrides: list[str]) -> dict[str, str]:
+    """The paths a pipelines/ command writes or reads on several nodes (unset ones as ''): data.output_dir;
+    for train.py run.storage_path, and run.export_dir when given."""
+    given = dict(o.split("=", 1) for o in overrides)
+    keys = ["data.output_dir"] + (["run.storage_path"] if script == "train.py" else [])
+    keys += [k for k in ("run.export_dir",) if k in given]
+    return {key: given.get(key, "") for key in keys}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -301,7 +328,8 @@ def test_kuberay_resource(where, doc):
         for container in pod["containers"]:
             assert container["name"] and container["image"]
             assert {m["name"] for m in container.get("volumeMounts", [])} <= volumes
-            assert any(m["mountPath"] == "/mnt/shared" for m in container["volumeMounts"])
+            shared = any(m["mountPath"] == SHARED_ROOT.rstrip("/") for m in container.get("volumeMounts", []))
+            assert shared != (where.split(":")[0] in OBJECT_STORAGE), f"{where}: {SHARED_ROOT} mounted or not"
             env = {e["name"]: e.get("value") for e in container.get("env", [])}
             assert env.get("MLFLOW_TRACKING_URI", "").startswith("http"), f"{where}: shared MLflow server"
     assert cluster["authOptions"] == {"mode": "token"}, f"{where}: Ray's token authentication on"
@@ -355,3 +383,162 @@ def test_serve_args_accepted_by_the_application(where, config):
     settings = pytest.importorskip("mdlm.serve.settings")
     parsed = settings.serve_config_from_dict(config["applications"][0]["args"])
     assert parsed.device == config["applications"][0]["args"]["device"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Object storage instead of a shared file system
+
+
+def test_object_storage_variants_are_listed_and_present():
+    assert OBJECT_STORAGE
+    for name in OBJECT_STORAGE:
+        assert (CLUSTER / name).is_file(), name
+    assert {n for n in OBJECT_STORAGE if n in AUTOSCALER} == {"aws-s3.yaml", "gcp-gcs.yaml"}
+    assert {n for n in OBJECT_STORAGE if n in SERVE_CONFIGS} == {"serve-s3.yaml", "serve-gcs.yaml"}
+    assert {w.split(":")[0] for w, _ in kuberay_docs()} & set(OBJECT_STORAGE)
+
+
+# A shared file system in a parsed value: its mount point, an NFS mount, an EFS or Filestore address.
+SHARED_FS = re.compile(r"/mnt/shared|\bnfs\d?\b|mount\s+-t|\.efs\.|filestore", re.IGNORECASE)
+
+
+@pytest.mark.parametrize("name", sorted(OBJECT_STORAGE))
+def test_object_storage_variant_mounts_no_shared_file_system(name):
+    """No NFS/EFS/Filestore mount or address and no /mnt/shared in any value (comments may name them); the VMs
+    mount nothing into their containers; on Kubernetes no ReadWriteMany claim and no Ray pod volume other
+    than emptyDir."""
+    docs = load_docs(CLUSTER / name)
+    for value in (s for doc in docs for s in strings(doc)):
+        assert not SHARED_FS.search(value), f"{name}: {value!r}"
+    for doc in docs:
+        if "provider" in doc:  # autoscaler
+            assert not any(o.startswith(("-v ", "--volume", "--mount")) for o in doc["docker"].get("run_options", []))
+            assert set(doc["file_mounts"]) == {REMOTE_PROJECT, "/home/ray/.ray/auth_token"}
+            assert not doc.get("initialization_commands"), "nothing to mount on the hosts"
+        if doc.get("kind") == "PersistentVolumeClaim":
+            assert "ReadWriteMany" not in doc["spec"]["accessModes"], f"{name}: a shared volume"
+        if str(doc.get("apiVersion", "")).startswith("ray.io/"):
+            for pod in _pod_specs(_cluster_spec(doc)):
+                for volume in pod.get("volumes", []):
+                    assert set(volume) == {"name", "emptyDir"}, f"{name}: {volume}"
+
+
+def _object_url(value: str, scheme: str) -> bool:
+    return value.startswith(scheme) and len(value) > len(scheme) and not value[len(scheme):].startswith("/")
+
+
+@pytest.mark.parametrize("name", sorted(n for n in OBJECT_STORAGE if commands_in(CLUSTER / n)))
+def test_object_storage_commands_keep_everything_on_the_bucket(name):
+    """Each variant prepares and trains; every data.output_dir, run.storage_path and run.export_dir of its
+    commands, and the corpus (data.source) unless it is the bundled default, is a URL of the file's bucket."""
+    scheme = OBJECT_STORAGE[name]
+    commands = commands_in(CLUSTER / name)
+    assert {Path(script).name for script, _ in commands} >= {"prepare_data.py", "train.py"}, name
+    for script, argv in commands:
+        args = script_parser(ROOT / "pipelines" / Path(script).name).parse_args(argv)
+        paths = _storage_paths(Path(script).name, args.overrides)
+        source = dict(o.split("=", 1) for o in args.overrides).get("data.source", "shakespeare")
+        if source != "shakespeare":
+            paths["data.source"] = source
+        for key, value in paths.items():
+            assert _object_url(value, scheme), f"{name}: {key}={value!r} is not an {scheme} URL"
+
+
+def test_object_storage_readme_commands_keep_everything_on_the_bucket():
+    """The README's object-storage walk-through: its commands name bucket URLs only."""
+    text = (CLUSTER / "README.md").read_text()
+    section = text.split("## Object storage instead of a shared file system", 1)
+    assert len(section) == 2, "README: the object-storage section"
+    body = section[1].split("\n## ", 1)[0]
+    found = [m for line in text_lines(body) for m in PIPELINE_COMMAND.finditer(line)]
+    assert found
+    for match in found:
+        script = Path(match.group(1)).name
+        args = script_parser(ROOT / "pipelines" / script).parse_args(shlex.split(match.group(2)))
+        for key, value in _storage_paths(script, args.overrides).items():
+            assert value.startswith(URL_SCHEMES), f"README: {key}={value!r}"
+
+
+@pytest.mark.parametrize("name", sorted(n for n in OBJECT_STORAGE if n in SERVE_CONFIGS or "rayservice" in n))
+def test_object_storage_serves_the_model_from_the_bucket(name):
+    configs = [c for w, c in serve_configs() if w == name or w.split(":")[0] == name]
+    assert configs, name
+    for config in configs:
+        model = config["applications"][0]["args"]["model"]
+        assert _object_url(model, OBJECT_STORAGE[name]) and model.endswith("/model"), f"{name}: {model}"
+
+
+def _mlflow_server_commands(name: str) -> list[str]:
+    docs = load_docs(CLUSTER / name)
+    found = [" ".join(s.split()) for doc in docs for s in strings(doc) if "mlflow server" in s]
+    return found
+
+
+@pytest.mark.parametrize("name", ["aws-s3.yaml", "gcp-gcs.yaml", "kuberay/shared-s3.yaml"])
+def test_object_storage_mlflow_keeps_artifacts_on_the_bucket(name):
+    """The MLflow server's artifacts go to the bucket (proxied), its run records to a local store of its own, and
+    it creates the `mdlm` experiment itself once up (an experiment a job created would put its artifacts on the
+    driver's disk)."""
+    servers = _mlflow_server_commands(name)
+    assert len(servers) == 1, name
+    destination = re.search(r"--(?:artifacts-destination|default-artifact-root)\s+(\S+)", servers[0])
+    assert destination and _object_url(destination.group(1), OBJECT_STORAGE[name]), servers[0]
+    assert "--no-serve-artifacts" not in servers[0]
+    backend = re.search(r"--backend-store-uri\s+(\S+)", servers[0])
+    assert backend and not SHARED_FS.search(backend.group(1))
+    text = " ".join(" ".join(s.split()) for doc in load_docs(CLUSTER / name) for s in strings(doc))
+    assert "c.get_experiment_by_name('mdlm') or c.create_experiment('mdlm')" in text
+    from mdlm.config import RunConfig
+
+    assert RunConfig().mlflow_experiment == "mdlm"
+
+
+def test_object_storage_clients_are_installed():
+    """s3: the project's s3 extra on every node type (and in the KubeRay image); gs: gcsfs and
+    google-cloud-storage under the project's pins."""
+    for name, scheme in (("aws-s3.yaml", "s3://"), ("gcp-gcs.yaml", "gs://")):
+        config = yaml.safe_load((CLUSTER / name).read_text())
+        setups = [config["setup_commands"]] + [node["worker_setup_commands"]
+                                               for node in config["available_node_types"].values()
+                                               if "worker_setup_commands" in node]
+        assert len(setups) >= 2, name
+        for setup in setups:
+            joined = " ".join(setup)
+            if scheme == "s3://":
+                assert f"-e '{REMOTE_PROJECT}[s3]'" in joined, f"{name}: {joined}"
+            else:
+                assert re.search(rf"pip install --quiet gcsfs google-cloud-storage -c {REMOTE_PROJECT}/"
+                                 r"constraints\.txt", joined), f"{name}: {joined}"
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    assert "-e '/home/ray/mdlm[s3]'" in dockerfile
+    assert (ROOT / "constraints.txt").is_file()
+    extras = re.search(r"^s3\s*=\s*\[(.*)\]", (ROOT / "pyproject.toml").read_text(), flags=re.M)
+    assert extras and "s3fs" in extras.group(1) and "boto3" in extras.group(1)
+
+
+def test_object_storage_credentials_are_never_literal():
+    """Workers get the bucket through instance profiles / service accounts; on Kubernetes the AWS keys come
+    from a Secret by reference (or the ServiceAccount's role), never as values."""
+    aws = yaml.safe_load((CLUSTER / "aws-s3.yaml").read_text())
+    gcp = yaml.safe_load((CLUSTER / "gcp-gcs.yaml").read_text())
+    for config, key in ((aws, "IamInstanceProfile"), (gcp, "serviceAccounts")):
+        for name, node in config["available_node_types"].items():
+            if name != config["head_node_type"]:  # the head gets Ray's default profile / account
+                assert key in node["node_config"], name
+    for name in OBJECT_STORAGE:
+        text = (CLUSTER / name).read_text()
+        assert not re.search(r"AKIA[0-9A-Z]{12,}", text), name
+        for doc in load_docs(CLUSTER / name):
+            for node in _dicts(doc):
+                if node.get("name") in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+                    assert "value" not in node and "secretKeyRef" in node["valueFrom"], f"{name}: {node}"
+        for value in (s for doc in load_docs(CLUSTER / name) for s in strings(doc)):
+            assert not re.search(r"AWS_(ACCESS_KEY_ID|SECRET_ACCESS_KEY)=\S", value), f"{name}: {value!r}"
+
+
+def _dicts(node: Any) -> list[dict[str, Any]]:
+    if isinstance(node, dict):
+        return [node, *(d for value in node.values() for d in _dicts(value))]
+    if isinstance(node, list):
+        return [d for value in node for d in _dicts(value)]
+    return []
