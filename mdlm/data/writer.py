@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mdlm.data.manifest import ShardInfo
-from mdlm.storage import filesystem, is_local_fs, join, write_bytes_atomic
+from mdlm.storage import filesystem, write_bytes_atomic
 
 
 def list_array(values: np.ndarray, lengths: np.ndarray) -> pa.ListArray:
@@ -83,8 +83,7 @@ class ShardWriter:
             pq.write_table(pa.table(columns), sink, row_group_size=self.row_group_rows, compression="zstd")
             data = sink.getvalue().to_pybytes()
             relative = f"{self.folder}/{split}/part-{task:05d}-{k:03d}.parquet"
-            target = join(self.base, relative) if not is_local_fs(self.fs) else f"{self.base}/{relative}"
-            write_bytes_atomic(self.fs, target, data)
+            write_bytes_atomic(self.fs, f"{self.base.rstrip('/')}/{relative}", data)
             shards.append(ShardInfo(path=relative, rows=len(part_ids), tokens=tokens, bytes=len(data),
                                     sha256=hashlib.sha256(data).hexdigest()))
         return shards
