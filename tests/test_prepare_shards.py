@@ -232,3 +232,22 @@ def test_a_hugging_face_dataset_is_read_by_the_workers(ray_local, tmp_path, monk
     ids = [e.ids for e in gpt2.encode_batch([r["text"] for r in rows if r["text"]], add_special_tokens=False)]
     assert _rows(manifest, "train") == WrapPacker(64, 50256, 50256).add(ids).input_ids
     assert manifest.source["rows"] == 3000
+
+
+@pytest.mark.ray
+def test_what_an_interrupted_run_left_is_never_listed_and_is_removed(ray_local, corpus, tmp_path):
+    """A driver killed before its manifest leaves its shard folder (and maybe the tokenizer files): no manifest
+    lists them, the next preparation into the directory is not refused and removes them."""
+    out = tmp_path / "data"
+    stale = out / "shards-0123456789abcdef0123" / "train"
+    stale.mkdir(parents=True)
+    (stale / "part-00000-000.parquet").write_bytes(b"half a file")
+    (out / "tokenizer.json").write_text("{}")
+    manifest = prepare_dataset(_config(str(corpus), out, max_files=2), progress=False)
+    assert not stale.parent.exists()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("shards-")) == [f"shards-{manifest.fingerprint}"]
+    load_manifest(out).verify()
+    (out / "notes.txt").write_text("not ours")
+    (out / MANIFEST_NAME).unlink()
+    with pytest.raises(DataError, match="exists and is not a prepared dataset"):
+        prepare_dataset(_config(str(corpus), out, max_files=2), progress=False)

@@ -67,6 +67,7 @@ from mdlm.data.tasks import ReadTask, plan_tasks, task_documents
 from mdlm.data.tokenizer import (
     PRETRAINED,
     TOKENIZER_FILE,
+    TOKENIZER_FILES,
     SpecialTokens,
     load_tokenizer_for,
     save_tokenizer,
@@ -300,13 +301,20 @@ def _split_infos(tasks: list[ReadTask], summaries: dict[int, dict[str, Any]],
 # The output: check, publish, clean up
 
 
+def _ours(name: str) -> bool:
+    """A name this pipeline writes into a dataset directory (besides the manifest)."""
+    return name.startswith(SHARDS_PREFIX) or name in TOKENIZER_FILES
+
+
 def _check_output_dir(fs, root: str, out: str) -> None:
     fs.invalidate_cache()
     if not fs.exists(root):
         return
     if not fs.isdir(root):
         raise DataError(f"data.output_dir={out} exists and is not a directory; remove it or choose another one")
-    if fs.ls(root) and not fs.exists(f"{root.rstrip('/')}/{MANIFEST_NAME}"):
+    # What an interrupted preparation leaves (its shard folder, the tokenizer files) is no reason to refuse.
+    foreign = [e for e in fs.ls(root, detail=False) if not _ours(e.rstrip("/").rsplit("/", 1)[-1])]
+    if foreign and not fs.exists(f"{root.rstrip('/')}/{MANIFEST_NAME}"):
         raise DataError(f"data.output_dir={out} exists and is not a prepared dataset (no {MANIFEST_NAME}); "
                         "remove it or choose another directory")
 
