@@ -297,7 +297,7 @@ class RunConfig:
 
     def validate(self, prefix: str = "run") -> None:
         check_positive(self, prefix, "num_workers", "cpus_per_worker", "checkpoint_every", "keep_checkpoints",
-                  "eval_batches")
+                       "eval_batches")
         if not self.name or any(c in self.name for c in "/\\ "):
             raise ConfigError(f"{prefix}.name: {self.name!r} must be a non-empty name without slashes or spaces")
         if self.max_failures < -1:

@@ -40,7 +40,7 @@ class TrainProgress:
     step: int = 0
     tokens_seen: int = 0
     epoch: int = 0
-    batches_in_epoch: int = 0  # micro-batches consumed in the current epoch, per rank
+    batches_in_epoch: int = 0  # micro-batches of the global stream consumed in the current epoch (all ranks)
     mlflow_run_id: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -26,7 +26,7 @@ import yaml
 from mdlm import output, tracking
 from mdlm.config import DIFFUSION_KINDS, Config, ConfigError, RunConfig
 from mdlm.data.sources import DEFAULT_CORPUS
-from mdlm.runtime import init_ray, ray_working_dir_copy
+from mdlm.runtime import READ_CPUS, init_ray, ray_working_dir_copy
 from mdlm.storage import absolute, is_url, join
 from mdlm.train.spec import WorkerSpec
 
@@ -187,10 +187,12 @@ def train(config: Config) -> TrainResult:
                       mlflow_run_id=run_id)
     # Step logs report training progress; per-worker Ray Data progress bars would only interleave with them.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    datasets = {"train": ray.data.read_parquet(manifest.split_files("train"))}
+    # Read tasks of a quarter CPU: every worker reads the stream, beside workers that fill most of a small node.
+    datasets = {"train": ray.data.read_parquet(manifest.split_files("train"), num_cpus=READ_CPUS)}
     if spec.has_validation:  # every worker reads the same first eval_batches micro-batches
         rows = run.eval_batches * config.training.micro_batch_size
-        datasets["validation"] = ray.data.read_parquet(manifest.split_files("validation")).limit(rows)
+        datasets["validation"] = ray.data.read_parquet(manifest.split_files("validation"),
+                                                       num_cpus=READ_CPUS).limit(rows)
     training = config.training
     logger.info(f"training on {run.num_workers} Ray Train workers ({_worker_resources(run)}) for "
                 f"{training.max_steps} steps of {training.global_batch_size} x {data.block_size} tokens")
@@ -253,7 +255,7 @@ def fit(spec: WorkerSpec, datasets: dict[str, Any]):
     run = spec.config.run
     storage = absolute(run.storage_path)
     resources = {"CPU": run.cpus_per_worker, **({"GPU": 1} if run.use_gpu else {})}
-    execution = ray.data.ExecutionOptions(preserve_order=True)  # deterministic order for a given shard
+    execution = ray.data.ExecutionOptions(preserve_order=True)  # the same order on every rank
     with console.relay() as channel:
         trainer = TorchTrainer(
             train_loop_per_worker=_entry,
@@ -264,7 +266,9 @@ def fit(spec: WorkerSpec, datasets: dict[str, Any]):
                                  checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints),
                                  failure_config=FailureConfig(max_failures=run.max_failures)),
             datasets=datasets,
-            dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=execution),
+            # Not split: every rank reads the one global order and keeps its rows of each global batch
+            # (mdlm.train.ingest.BatchStream), so the data order does not depend on the number of workers.
+            dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=execution),
         )
         return trainer.fit()
 

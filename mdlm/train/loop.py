@@ -37,10 +37,11 @@ from mdlm.train.validate import validate
 logger = logging.getLogger(__name__)
 
 
-def step_seed(seed: int, rank: int, step: int) -> int:
-    """The seed of all randomness (masking, time samples, dropout) of ``rank`` at optimizer step ``step``: a
-    resumed run draws exactly what an uninterrupted one would."""
-    return seed + 1_000_003 * (rank + 1) + 7919 * step
+def micro_seed(seed: int, step: int, index: int) -> int:
+    """The seed of all randomness (masking, time samples, dropout) of micro-batch ``index`` of the global batch of
+    optimizer step ``step``: the same whatever the number of workers, so a resumed or resized run draws what an
+    uninterrupted one would."""
+    return seed + 1_000_003 * (index + 1) + 7919 * step
 
 
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
@@ -86,8 +87,11 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                          f"micro_batch_size x workers = {micro * world}")
     settings = StepSettings(accumulation=training.global_batch_size // (micro * world), grad_clip=training.grad_clip,
                             autocast_bf16=bf16 and not plan.fsdp)  # FSDP2's MixedPrecisionPolicy casts instead
-    stream = BatchStream(ray.train.get_dataset_shard("train"), micro, device, training.seed + 1000 * rank,
-                         progress, run.shuffle_buffer)
+    if rank == 0:  # an elastic run says so at every (re)start of its worker group
+        logger.info(f"{world} worker{'s' if world > 1 else ''} x {settings.accumulation} micro-batches of {micro} "
+                    f"rows = global batch {training.global_batch_size}")
+    stream = BatchStream(ray.train.get_dataset_shard("train"), micro, device, training.seed, progress,
+                         run.shuffle_buffer, rank=rank, world=world, accumulation=settings.accumulation)
     val_batches = (first_batches(ray.train.get_dataset_shard("validation"), micro, device, run.eval_batches)
                    if spec.has_validation else [])
 
@@ -116,14 +120,18 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             metrics_buffer.flush(FINAL_FLUSH_WAIT_S if export else 0.0)  # the last one waits for the server
             report(metrics, tmp)
 
+    def next_batch() -> dict[str, torch.Tensor]:
+        index, batch = stream.next_micro()
+        seed = micro_seed(training.seed, progress.step, index)
+        noise_generator.manual_seed(seed)
+        torch.manual_seed(seed)
+        return batch
+
     with system_metrics(tracking_uri, run_id):
         while progress.step < training.max_steps:
             throughput.start()
-            seed = step_seed(training.seed, rank, progress.step)
-            noise_generator.manual_seed(seed)
-            torch.manual_seed(seed)
             try:
-                result = train_step(model, objective, optimizer, scheduler, ema, lambda: next(stream), settings,
+                result = train_step(model, objective, optimizer, scheduler, ema, next_batch, settings,
                                     noise_generator)
             except NonFiniteLoss as exc:
                 stop_reason = str(NonFiniteLoss(exc.loss, progress.step + 1))
