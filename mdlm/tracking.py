@@ -2,10 +2,12 @@
 
 The tracking URI comes from ``MLFLOW_TRACKING_URI``, else a local sqlite database under the runs folder,
 with an experiment whose ``artifact_location`` is set explicitly (never Ray's temporary folders).
-Metrics are buffered on rank 0 and written when a checkpoint is saved: after a crash the run resumes
-from that checkpoint, so no step is ever logged twice. A tracking server that does not answer at a checkpoint
-does not stop training: the metrics stay buffered (one warning says so) and are written at the next checkpoint
-it answers; the last flush waits up to ``FINAL_FLUSH_WAIT_S`` for it.
+Metrics are buffered on rank 0 and written when a checkpoint is saved, and the run's ``mdlm.metrics_through_step``
+tag records the last step written. After a crash the run resumes from the latest committed checkpoint, which can
+be older than the last flush (a node lost while its checkpoint was being committed); the restarted worker group
+reads the tag and does not log the steps it recomputes up to it, so no step is ever logged twice. A tracking
+server that does not answer at a checkpoint does not stop training: the metrics stay buffered (one warning says
+so) and are written at the next checkpoint it answers; the last flush waits up to ``FINAL_FLUSH_WAIT_S`` for it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 RUN_NAME_TAG = "mdlm.run_name"
 STOPPED_TAG = "mdlm.stopped"  # why a run stopped early (e.g. a non-finite loss), read by the driver
 STORAGE_TAG = "mdlm.storage_path"
+LOGGED_THROUGH_TAG = "mdlm.metrics_through_step"  # the last training step whose metrics the run holds
 FLUSH_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
                  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}  # a flush tries briefly (MLflow's default: ~2 minutes)
 FINAL_FLUSH_WAIT_S = 300.0
@@ -106,16 +109,26 @@ def create_run(tracking_uri: str, experiment_id: str, run_name: str, params: dic
 
 class MetricBuffer:
     """Rank-0 metrics, held until the next checkpoint, then logged with their steps and the times they were
-    measured (not the time of the flush). What the tracking server did not take stays for the next flush."""
+    measured (not the time of the flush). What the tracking server did not take stays for the next flush.
 
-    def __init__(self, tracking_uri: str | None, run_id: str | None) -> None:
+    ``logged_through``: steps up to it are already in the run (see :func:`logged_through`) and are dropped.
+    ``track_steps``: each flush records its last step in the run's ``LOGGED_THROUGH_TAG`` (training runs)."""
+
+    def __init__(self, tracking_uri: str | None, run_id: str | None, logged_through: int = 0,
+                 track_steps: bool = False) -> None:
         self.tracking_uri = tracking_uri
         self.run_id = run_id
+        self.logged_through = logged_through
+        self.track_steps = track_steps
         self.pending: list[tuple[int, int, dict[str, float]]] = []  # (step, timestamp in ms, metrics)
         self._unsent: list[Any] = []  # mlflow Metric entities a failed flush left
+        self._sent_through = logged_through  # the last step sent to the server
+        self._tagged_through = logged_through  # the last step the run's tag says
         self.outage = False  # the last flush failed (warned once per outage)
 
     def add(self, step: int, metrics: dict[str, float], timestamp_ms: int | None = None) -> None:
+        if self.logged_through > 0 and step <= self.logged_through:  # a restarted group recomputing them
+            return
         stamp = int(time.time() * 1000) if timestamp_ms is None else int(timestamp_ms)
         self.pending.append((step, stamp, {k: float(v) for k, v in metrics.items()}))
 
@@ -154,8 +167,28 @@ class MetricBuffer:
         client = MlflowClient(self.tracking_uri)
         with _env(FLUSH_RETRIES):
             while self._unsent:
-                client.log_batch(self.run_id, metrics=self._unsent[:1000])
+                batch = self._unsent[:1000]
+                client.log_batch(self.run_id, metrics=batch)
                 del self._unsent[:1000]  # a batch the server took is never sent again
+                self._sent_through = max([self._sent_through, *(m.step for m in batch)])
+            if self.track_steps and self._sent_through > self._tagged_through:
+                client.set_tag(self.run_id, LOGGED_THROUGH_TAG, str(self._sent_through))
+                self._tagged_through = self._sent_through
+
+
+def logged_through(tracking_uri: str | None, run_id: str | None) -> int:
+    """The last training step whose metrics run ``run_id`` holds (its ``LOGGED_THROUGH_TAG``; 0 for a new run).
+    A tracking server that does not answer gives 0, with a warning: steps may then be logged twice."""
+    if run_id is None:
+        return 0
+    try:
+        with _env(FLUSH_RETRIES):
+            value = get_tag(tracking_uri, run_id, LOGGED_THROUGH_TAG)
+    except Exception as exc:  # training goes on without it
+        logger.warning(f"MLflow tracking at {tracking_uri} did not answer ({type(exc).__name__}); steps recomputed "
+                       "after this restart may be logged twice")
+        return 0
+    return int(value) if value else 0
 
 
 @contextmanager

@@ -20,7 +20,7 @@ from mdlm.data.spec import resolve_model_config
 from mdlm.eval.metrics import safe_exp
 from mdlm.model_card import ModelCardInfo
 from mdlm.modeling import build_model
-from mdlm.tracking import FINAL_FLUSH_WAIT_S, STOPPED_TAG, MetricBuffer, set_tag, system_metrics
+from mdlm.tracking import FINAL_FLUSH_WAIT_S, STOPPED_TAG, MetricBuffer, logged_through, set_tag, system_metrics
 from mdlm.train import console
 from mdlm.train.checkpoint import checkpoint_candidates, restore_checkpoint, save_checkpoint
 from mdlm.train.ema import EMA
@@ -96,7 +96,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                    if spec.has_validation else [])
 
     tracking_uri, run_id = spec.tracking_uri, spec.mlflow_run_id if rank == 0 else None
-    metrics_buffer = MetricBuffer(tracking_uri, run_id)
+    # A checkpoint can be lost after its metrics were logged: steps the run already holds are not logged again.
+    metrics_buffer = MetricBuffer(tracking_uri, run_id, logged_through(tracking_uri, run_id), track_steps=True)
     # Measured by the run's first worker group and kept in its checkpoints: a restart keeps MFU's denominator.
     ceiling, new_to_run = run_matmul_ceiling(progress.extra, device, spec.mlflow_run_id)
     if new_to_run:  # logged with the next checkpoint, as every metric
