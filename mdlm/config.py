@@ -275,9 +275,10 @@ class RunConfig:
 
     name: str = "mdlm"
     storage_path: str = "runs/ray"  # local path or any pyarrow/fsspec URL (s3://, gs://, ...)
-    num_workers: int = 2
+    num_workers: int = 2  # Ray Train workers; with min_workers, the most an elastic worker group has
+    min_workers: int | None = None  # elastic: the group runs on min_workers..num_workers, whatever fits (None: fixed)
     use_gpu: bool = False
-    cpus_per_worker: float = 0.5  # fractional on CPU so Ray Data ingest is not starved
+    cpus_per_worker: float = 0.5  # fractional on CPU: two workers and the driver's work share a 2-core machine
     placement_strategy: str = "PACK"  # Ray placement of the workers: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD
     threads_per_worker: int | None = None  # torch intra-op threads per worker (None: Ray's OMP_NUM_THREADS)
     checkpoint_every: int = 100
@@ -310,6 +311,14 @@ class RunConfig:
                               f"{', '.join(PLACEMENT_STRATEGIES)}")
         if self.model_alias.lower() == "latest":
             raise ConfigError(f"{prefix}.model_alias: 'latest' is reserved by MLflow")
+        if self.min_workers is not None and not 1 <= self.min_workers <= self.num_workers:
+            raise ConfigError(f"{prefix}.min_workers: must be between 1 and run.num_workers {self.num_workers}, "
+                              f"got {self.min_workers}")
+
+    @property
+    def world_sizes(self) -> range:
+        """The numbers of workers the run may train on."""
+        return range(self.min_workers or self.num_workers, self.num_workers + 1)
 
 
 @dataclass
@@ -351,6 +360,14 @@ class Config:
             self.eval.validate_settings()
         except EvalInputError as exc:
             raise ConfigError(exc.describe(f"eval.{exc.field}")) from None
+        micro = self.training.micro_batch_size
+        # An elastic run's global batch must be whole for every size its worker group may take (a fixed size is
+        # checked by the workers: the single-process presets leave run.num_workers unused).
+        for world in self.run.world_sizes if self.run.min_workers else ():
+            if self.training.global_batch_size % (micro * world):
+                raise ConfigError(f"training.global_batch_size: {self.training.global_batch_size} is not a multiple "
+                                  f"of micro_batch_size x workers = {micro} x {world} "
+                                  "(run.num_workers/run.min_workers)")
         kind = self.model.kind
         if kind == "sedd" and self.noise.time != "continuous":
             raise ConfigError("noise.time: SEDD's score-entropy bound is continuous in time (model.kind=sedd)")

@@ -28,6 +28,10 @@ LOGGED_THROUGH_TAG = "mdlm.metrics_through_step"  # the last training step whose
 FLUSH_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
                  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}  # a flush tries briefly (MLflow's default: ~2 minutes)
 FINAL_FLUSH_WAIT_S = 300.0
+# MLflow error codes of a request the server answered and refused (a deleted or unknown run, no permission):
+# sending the same metrics again cannot succeed, unlike an outage.
+REFUSALS = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE", "PERMISSION_DENIED",
+                      "UNAUTHENTICATED", "BAD_REQUEST"})
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +129,7 @@ class MetricBuffer:
         self._sent_through = logged_through  # the last step sent to the server
         self._tagged_through = logged_through  # the last step the run's tag says
         self.outage = False  # the last flush failed (warned once per outage)
+        self.refused = False  # the server refused the metrics (see flush): nothing more is sent
 
     def add(self, step: int, metrics: dict[str, float], timestamp_ms: int | None = None) -> None:
         if self.logged_through > 0 and step <= self.logged_through:  # a restarted group recomputing them
@@ -134,10 +139,12 @@ class MetricBuffer:
 
     def flush(self, wait_s: float = 0.0) -> bool:
         """Log everything buffered; True when nothing is left. A failure keeps what was not logged, warns once
-        per outage and returns False, retrying for ``wait_s`` first (the last flush of a run)."""
-        if self.run_id is None:
+        per outage and returns False, retrying for ``wait_s`` first (the last flush of a run). A refusal
+        (``REFUSALS``: e.g. the run was deleted) drops the metrics with one error and stops logging for good:
+        training goes on."""
+        if self.run_id is None or self.refused:
             self.pending.clear()
-            return True
+            return self.run_id is None
         from mlflow.entities import Metric
 
         self._unsent += [Metric(k, v, stamp, step) for step, stamp, metrics in self.pending for k, v in metrics.items()]
@@ -147,6 +154,14 @@ class MetricBuffer:
             try:
                 self._send()
             except Exception as exc:  # unreachable, timing out or failing server: keep the metrics
+                code = getattr(exc, "error_code", None)
+                if code in REFUSALS:
+                    logger.error(f"MLflow tracking at {self.tracking_uri} refused the metrics of run {self.run_id} "
+                                 f"({code}: {str(exc)[:200]}); training goes on, {len(self._unsent)} values and "
+                                 "all later ones are not logged")
+                    self._unsent.clear()
+                    self.refused = True
+                    return False
                 if time.monotonic() < deadline:
                     time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
                     continue

@@ -348,6 +348,22 @@ def test_nan_learning_rate_is_rejected():
         load_config(None, ["training.lr=nan"])
 
 
+def test_an_elastic_range_is_checked_for_every_worker_count():
+    config = load_config(None, ["run.min_workers=1", "run.num_workers=4", "training.global_batch_size=24",
+                                "training.micro_batch_size=2"])
+    assert list(config.run.world_sizes) == [1, 2, 3, 4]
+    assert list(load_config(None, ["run.num_workers=3"]).run.world_sizes) == [3]  # fixed size
+    with pytest.raises(ConfigError, match=r"run\.min_workers: must be between 1 and run\.num_workers 2, got 3"):
+        load_config(None, ["run.min_workers=3", "run.num_workers=2"])
+    with pytest.raises(ConfigError, match=r"run\.min_workers: must be between 1 .* got 0"):
+        load_config(None, ["run.min_workers=0"])
+    # 3 workers x micro-batches of 4 do not divide a global batch of 16: rejected before any worker starts
+    with pytest.raises(ConfigError, match=r"training\.global_batch_size: 16 is not a multiple of micro_batch_size "
+                                          r"x workers = 4 x 3 \(run\.num_workers/run\.min_workers\)"):
+        load_config(None, ["run.min_workers=2", "run.num_workers=4", "training.global_batch_size=16",
+                           "training.micro_batch_size=4"])
+
+
 def test_base_cycle_raises_config_error(tmp_path):
     (tmp_path / "a.yaml").write_text(f"base: {tmp_path / 'b.yaml'}\n")
     (tmp_path / "b.yaml").write_text(f"base: {tmp_path / 'a.yaml'}\n")

@@ -65,3 +65,22 @@ def test_an_unreachable_server_gives_zero_with_a_warning(caplog):
         assert tracking.logged_through(uri, "0" * 32) == 0
     assert any("may be logged twice" in r.getMessage() and uri in r.getMessage() for r in caplog.records)
     assert tracking.logged_through(uri, None) == 0
+
+
+def test_a_refusal_drops_the_metrics_once_instead_of_retrying(run, caplog):
+    from mlflow import MlflowClient
+
+    uri, run_id = run
+    buffer = tracking.MetricBuffer(uri, run_id, track_steps=True)
+    buffer.add(1, {"loss": 1.0})
+    assert buffer.flush()
+    MlflowClient(uri).delete_run(run_id)  # the run is deleted mid-training: the store refuses its metrics
+    buffer.add(2, {"loss": 0.5})
+    with caplog.at_level(logging.WARNING, logger="mdlm.tracking"):
+        assert buffer.flush(wait_s=60.0) is False  # refused at once, not retried for the 60 s
+        buffer.add(3, {"loss": 0.25})
+        assert buffer.flush() is False
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "INVALID_PARAMETER_VALUE" in errors[0] and run_id in errors[0]
+    assert not [r for r in caplog.records if "did not take the metrics" in r.getMessage()]  # not an outage
+    assert buffer.refused and not buffer._unsent and not buffer.pending

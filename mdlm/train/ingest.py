@@ -1,4 +1,5 @@
-"""A worker's training data: its Ray Data shard as micro-batches on the device, resumable mid-epoch."""
+"""A worker's training data: the prepared parquet (or a Ray Dataset) as micro-batches on the device, resumable
+mid-epoch."""
 
 from __future__ import annotations
 
@@ -86,11 +87,13 @@ class BatchStream:
         return self.next_micro()[1]
 
 
-def first_batches(shard, batch_size: int, device: torch.device, limit: int) -> list[dict[str, torch.Tensor]]:
-    """The first ``limit`` micro-batches of a shard (validation), held in memory."""
+def first_batches(rows, batch_size: int, device: torch.device, limit: int) -> list[dict[str, torch.Tensor]]:
+    """The first ``limit`` micro-batches of ``rows`` (a :class:`mdlm.data.reader.ParquetRows` or a Ray Data
+    shard; validation), held in memory on ``device``."""
+    collate = Collate(device)
     batches = []
-    for i, batch in enumerate(shard.iter_torch_batches(batch_size=batch_size, collate_fn=Collate(device))):
-        if i >= limit:
+    for batch in rows.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=False):
+        if len(batches) >= limit:
             break
-        batches.append(batch)
+        batches.append(collate(batch))
     return batches

@@ -25,8 +25,9 @@ import yaml
 
 from mdlm import output, tracking
 from mdlm.config import DIFFUSION_KINDS, Config, ConfigError, RunConfig
+from mdlm.data.reader import ParquetRows
 from mdlm.data.sources import DEFAULT_CORPUS
-from mdlm.runtime import READ_CPUS, init_ray, ray_working_dir_copy
+from mdlm.runtime import init_ray, ray_working_dir_copy
 from mdlm.storage import absolute, is_url, join
 from mdlm.train.spec import WorkerSpec
 
@@ -158,8 +159,6 @@ def working_dir_warning(config: Config) -> str | None:
 
 def train(config: Config) -> TrainResult:
     """Run (or resume) a distributed training run described by ``config``."""
-    import ray
-
     config.validate()
     warning = working_dir_warning(config)
     if warning:
@@ -185,16 +184,14 @@ def train(config: Config) -> TrainResult:
     spec = WorkerSpec(config=config, data=data, export_dir=run.export_dir or join(storage, run.name, "model"),
                       has_validation=manifest.rows("validation") > 0, tracking_uri=tracking_uri,
                       mlflow_run_id=run_id)
-    # Step logs report training progress; per-worker Ray Data progress bars would only interleave with them.
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    # Read tasks of a quarter CPU: every worker reads the stream, beside workers that fill most of a small node.
-    datasets = {"train": ray.data.read_parquet(manifest.split_files("train"), num_cpus=READ_CPUS)}
-    if spec.has_validation:  # every worker reads the same first eval_batches micro-batches
-        rows = run.eval_batches * config.training.micro_batch_size
-        datasets["validation"] = ray.data.read_parquet(manifest.split_files("validation"),
-                                                       num_cpus=READ_CPUS).limit(rows)
+    # Every worker reads the prepared shards itself (the stream is not split); validation: the first rows only.
+    datasets = {"train": ParquetRows(tuple(manifest.split_files("train")))}
+    if spec.has_validation:
+        datasets["validation"] = ParquetRows(tuple(manifest.split_files("validation")),
+                                             limit=run.eval_batches * config.training.micro_batch_size)
     training = config.training
-    logger.info(f"training on {run.num_workers} Ray Train workers ({_worker_resources(run)}) for "
+    workers = (f"{run.min_workers}-{run.num_workers} (elastic)" if len(run.world_sizes) > 1 else run.num_workers)
+    logger.info(f"training on {workers} Ray Train workers ({_worker_resources(run)}) for "
                 f"{training.max_steps} steps of {training.global_batch_size} x {data.block_size} tokens")
     try:
         result = fit(spec, datasets)
@@ -244,7 +241,12 @@ def register_export(config: Config, tracking_uri: str, run_id: str, export_dir: 
 
 def fit(spec: WorkerSpec, datasets: dict[str, Any]):
     """Run ``train_loop_per_worker(spec)`` under a Ray Train ``TorchTrainer``; return Ray's ``Result``. Rank 0's
-    log records are logged here as they come (:func:`mdlm.train.console.relay`)."""
+    log records are logged here as they come (:func:`mdlm.train.console.relay`).
+
+    ``datasets``: ``train`` (and ``validation``) as :class:`ParquetRows`, which every worker reads itself, or as
+    Ray Datasets (in-memory data of benchmarks and tests), handed to Ray Train unsplit. An elastic worker group
+    (``run.min_workers``) takes ParquetRows only: Ray Data's tasks find no CPU beside an elastic group's
+    reservation (Ray 2.60)."""
     import ray
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -255,17 +257,26 @@ def fit(spec: WorkerSpec, datasets: dict[str, Any]):
     run = spec.config.run
     storage = absolute(run.storage_path)
     resources = {"CPU": run.cpus_per_worker, **({"GPU": 1} if run.use_gpu else {})}
+    rows = {k: v for k, v in datasets.items() if isinstance(v, ParquetRows)}
+    ray_datasets = {k: v for k, v in datasets.items() if k not in rows}
+    elastic = len(run.world_sizes) > 1
+    if elastic and ray_datasets:
+        raise ValueError(f"run.min_workers: an elastic worker group reads ParquetRows, not Ray Datasets "
+                         f"({', '.join(ray_datasets)})")
+    if ray_datasets:  # step logs report progress; per-worker Ray Data progress bars would interleave with them
+        ray.data.DataContext.get_current().enable_progress_bars = False
     execution = ray.data.ExecutionOptions(preserve_order=True)  # the same order on every rank
     with console.relay() as channel:
         trainer = TorchTrainer(
             train_loop_per_worker=_entry,
-            train_loop_config={"spec": spec, "console": channel},
-            scaling_config=ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu,
+            train_loop_config={"spec": spec, "console": channel, "rows": rows},
+            scaling_config=ScalingConfig(num_workers=(run.min_workers, run.num_workers) if elastic
+                                         else run.num_workers, use_gpu=run.use_gpu,
                                          resources_per_worker=resources, placement_strategy=run.placement_strategy),
             run_config=RunConfig(name=run.name, storage_path=storage,
                                  checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints),
                                  failure_config=FailureConfig(max_failures=run.max_failures)),
-            datasets=datasets,
+            datasets=ray_datasets or None,
             # Not split: every rank reads the one global order and keeps its rows of each global batch
             # (mdlm.train.ingest.BatchStream), so the data order does not depend on the number of workers.
             dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=execution),

@@ -45,7 +45,8 @@ def micro_seed(seed: int, step: int, index: int) -> int:
 
 
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
-    """Ray Train entry point; ``payload = {"spec": WorkerSpec, "console": the driver's channel or None}``."""
+    """Ray Train entry point; ``payload = {"spec": WorkerSpec, "console": the driver's channel or None,
+    "rows": {split: ParquetRows} read by this worker (splits not in it: Ray Train's dataset shards)}``."""
     import ray.train
     import ray.train.torch
 
@@ -90,9 +91,14 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     if rank == 0:  # an elastic run says so at every (re)start of its worker group
         logger.info(f"{world} worker{'s' if world > 1 else ''} x {settings.accumulation} micro-batches of {micro} "
                     f"rows = global batch {training.global_batch_size}")
-    stream = BatchStream(ray.train.get_dataset_shard("train"), micro, device, training.seed, progress,
+    rows = payload.get("rows") or {}
+
+    def split(name: str):
+        return rows[name] if name in rows else ray.train.get_dataset_shard(name)
+
+    stream = BatchStream(split("train"), micro, device, training.seed, progress,
                          run.shuffle_buffer, rank=rank, world=world, accumulation=settings.accumulation)
-    val_batches = (first_batches(ray.train.get_dataset_shard("validation"), micro, device, run.eval_batches)
+    val_batches = (first_batches(split("validation"), micro, device, run.eval_batches)
                    if spec.has_validation else [])
 
     tracking_uri, run_id = spec.tracking_uri, spec.mlflow_run_id if rank == 0 else None
