@@ -51,8 +51,9 @@ def test_the_shuffle_buffer_is_seeded_and_keeps_every_row_once(tmp_path):
     flat = [i for batch in a for i in batch]
     assert len(flat) == 24 and sorted(flat) == list(range(24))  # 24 rows = 6 whole batches: none dropped
     assert flat != sorted(flat)
-    # A buffer of 8 rows: the first batch is drawn from the first 8 + 4 rows only.
-    assert max(a[0]) < 12
+    # A buffer of 8 rows: the first batch is drawn from the first 8 rows, the second from those left and 8-11.
+    assert max(a[0]) < 8 and max(a[1]) < 12
+    assert _ids(rows.iter_batches(batch_size=4, local_shuffle_buffer_size=2, local_shuffle_seed=1))[0] != [0, 1, 2, 3]
 
 
 def test_bad_files_are_named(tmp_path):

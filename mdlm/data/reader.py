@@ -48,23 +48,68 @@ class ParquetRows:
     def iter_batches(self, batch_size: int, batch_format: str = "numpy", drop_last: bool = True,
                      local_shuffle_buffer_size: int | None = None,
                      local_shuffle_seed: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-        """Batches of ``batch_size`` rows, as Ray Data's ``iter_batches`` gives them (numpy only). With a shuffle
-        buffer of ``S`` rows, each batch is drawn without replacement from the buffer once it holds
-        ``S + batch_size`` rows (then from what is left at the end), with a generator seeded by
-        ``local_shuffle_seed``: the same rows in the same order on every rank and every run."""
+        """Batches of ``batch_size`` rows, as Ray Data's ``iter_batches`` gives them (numpy only).
+
+        With a shuffle buffer of ``S`` rows (at least one batch), filled from the stream first, each batch is drawn
+        without replacement from the buffer and the next rows of the stream take the places it leaves; when the
+        stream ends, what is left comes out in a random order. The generator is seeded by ``local_shuffle_seed``:
+        the same rows in the same order on every rank and every run, at a cost per batch of its own rows."""
         if batch_format != "numpy":
             raise ValueError(f"batch_format {batch_format!r}: only 'numpy'")
-        shuffle = local_shuffle_buffer_size or 0
+        least = batch_size if drop_last else 1
+        rows = _Rows(self.chunks())
+        if not local_shuffle_buffer_size:
+            while (batch := rows.take(batch_size)) is not None and _count(batch) >= least:
+                yield batch
+            return
         rng = np.random.default_rng(local_shuffle_seed)
-        held: dict[str, np.ndarray] | None = None
-        for chunk in self.chunks():
-            held = chunk if held is None else {k: np.concatenate([held[k], chunk[k]]) for k in held}
-            while len(held["input_ids"]) >= shuffle + batch_size:
-                out, held = _take(held, batch_size, rng if shuffle else None)
-                yield out
-        while held is not None and len(held["input_ids"]) >= (batch_size if drop_last else 1):
-            out, held = _take(held, batch_size, rng if shuffle else None)
-            yield out
+        buffer = rows.take(max(local_shuffle_buffer_size, batch_size))
+        if buffer is None:
+            return
+        buffer = {k: np.array(v) for k, v in buffer.items()}  # writable: the stream's rows replace drawn ones
+        while True:
+            incoming = rows.take(batch_size)
+            if incoming is None or _count(incoming) < batch_size:  # the stream ends: drain the buffer
+                rest = buffer if incoming is None else {k: np.concatenate([v, incoming[k]]) for k, v in buffer.items()}
+                order = rng.permutation(_count(rest))
+                for i in range(0, len(order), batch_size):
+                    if len(order[i:i + batch_size]) >= least:
+                        yield {k: v[order[i:i + batch_size]] for k, v in rest.items()}
+                return
+            picked = rng.choice(_count(buffer), size=batch_size, replace=False)
+            batch = {k: v[picked] for k, v in buffer.items()}  # fancy indexing copies
+            for k, v in buffer.items():
+                v[picked] = incoming[k]
+            yield batch
+
+
+class _Rows:
+    """Rows of a stream of chunks taken ``n`` at a time across chunk boundaries."""
+
+    def __init__(self, chunks: Iterator[dict[str, np.ndarray]]) -> None:
+        self._chunks = chunks
+        self._head: dict[str, np.ndarray] | None = None
+
+    def take(self, n: int) -> dict[str, np.ndarray] | None:
+        """The next ``n`` rows (fewer at the end; None when none are left)."""
+        parts, got = [], 0
+        while got < n:
+            if self._head is None or not _count(self._head):
+                self._head = next(self._chunks, None)
+                if self._head is None:
+                    break
+                continue
+            k = min(n - got, _count(self._head))
+            parts.append({c: v[:k] for c, v in self._head.items()})
+            self._head = {c: v[k:] for c, v in self._head.items()}
+            got += k
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
+
+
+def _count(rows: dict[str, np.ndarray]) -> int:
+    return len(rows["input_ids"])
 
 
 def _matrix(column, path: str, name: str) -> np.ndarray:
@@ -76,14 +121,3 @@ def _matrix(column, path: str, name: str) -> np.ndarray:
         raise ValueError(f"{path}: column {name!r} holds rows of different lengths; prepared rows have one length")
     values = column.flatten().to_numpy(zero_copy_only=False)
     return values.reshape(len(lengths), -1 if len(lengths) else 0)
-
-
-def _take(held: dict[str, np.ndarray], n: int, rng: np.random.Generator | None):
-    """``n`` rows out of ``held`` (the first ones, or drawn by ``rng``) and what is left."""
-    total = len(held["input_ids"])
-    if rng is None:
-        return {k: v[:n] for k, v in held.items()}, {k: v[n:] for k, v in held.items()}
-    picked = rng.choice(total, size=min(n, total), replace=False)
-    keep = np.ones(total, dtype=bool)
-    keep[picked] = False
-    return {k: v[picked] for k, v in held.items()}, {k: v[keep] for k, v in held.items()}
