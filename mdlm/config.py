@@ -320,6 +320,21 @@ class RunConfig:
         """The numbers of workers the run may train on."""
         return range(self.min_workers or self.num_workers, self.num_workers + 1)
 
+    @property
+    def is_elastic(self) -> bool:
+        """The worker group may take more than one size (Ray Train's elastic scaling)."""
+        return len(self.world_sizes) > 1
+
+
+def accumulation_steps(training: TrainingConfig, world: int, workers_key: str = "run.num_workers") -> int:
+    """Micro-batches per worker per optimizer step: ``global_batch_size / (micro_batch_size x world)``, which must
+    be whole (the error names ``workers_key`` as the setting that gave ``world``)."""
+    micro = training.micro_batch_size
+    if training.global_batch_size % (micro * world):
+        raise ConfigError(f"training.global_batch_size: {training.global_batch_size} is not a multiple of "
+                          f"micro_batch_size x workers = {micro} x {world} ({workers_key})")
+    return training.global_batch_size // (micro * world)
+
 
 @dataclass
 class GenerateConfig:
@@ -360,14 +375,10 @@ class Config:
             self.eval.validate_settings()
         except EvalInputError as exc:
             raise ConfigError(exc.describe(f"eval.{exc.field}")) from None
-        micro = self.training.micro_batch_size
         # An elastic run's global batch must be whole for every size its worker group may take (a fixed size is
         # checked by the workers: the single-process presets leave run.num_workers unused).
-        for world in self.run.world_sizes if self.run.min_workers else ():
-            if self.training.global_batch_size % (micro * world):
-                raise ConfigError(f"training.global_batch_size: {self.training.global_batch_size} is not a multiple "
-                                  f"of micro_batch_size x workers = {micro} x {world} "
-                                  "(run.num_workers/run.min_workers)")
+        for world in self.run.world_sizes if self.run.min_workers is not None else ():
+            accumulation_steps(self.training, world, "run.num_workers/run.min_workers")
         kind = self.model.kind
         if kind == "sedd" and self.noise.time != "continuous":
             raise ConfigError("noise.time: SEDD's score-entropy bound is continuous in time (model.kind=sedd)")

@@ -190,7 +190,7 @@ def train(config: Config) -> TrainResult:
         datasets["validation"] = ParquetRows(tuple(manifest.split_files("validation")),
                                              limit=run.eval_batches * config.training.micro_batch_size)
     training = config.training
-    workers = (f"{run.min_workers}-{run.num_workers} (elastic)" if len(run.world_sizes) > 1 else run.num_workers)
+    workers = f"{run.min_workers}-{run.num_workers} (elastic)" if run.is_elastic else run.num_workers
     logger.info(f"training on {workers} Ray Train workers ({_worker_resources(run)}) for "
                 f"{training.max_steps} steps of {training.global_batch_size} x {data.block_size} tokens")
     try:
@@ -259,8 +259,7 @@ def fit(spec: WorkerSpec, datasets: dict[str, Any]):
     resources = {"CPU": run.cpus_per_worker, **({"GPU": 1} if run.use_gpu else {})}
     rows = {k: v for k, v in datasets.items() if isinstance(v, ParquetRows)}
     ray_datasets = {k: v for k, v in datasets.items() if k not in rows}
-    elastic = len(run.world_sizes) > 1
-    if elastic and ray_datasets:
+    if run.is_elastic and ray_datasets:
         raise ValueError(f"run.min_workers: an elastic worker group reads ParquetRows, not Ray Datasets "
                          f"({', '.join(ray_datasets)})")
     if ray_datasets:  # step logs report progress; per-worker Ray Data progress bars would interleave with them
@@ -270,7 +269,7 @@ def fit(spec: WorkerSpec, datasets: dict[str, Any]):
         trainer = TorchTrainer(
             train_loop_per_worker=_entry,
             train_loop_config={"spec": spec, "console": channel, "rows": rows},
-            scaling_config=ScalingConfig(num_workers=(run.min_workers, run.num_workers) if elastic
+            scaling_config=ScalingConfig(num_workers=(run.min_workers, run.num_workers) if run.is_elastic
                                          else run.num_workers, use_gpu=run.use_gpu,
                                          resources_per_worker=resources, placement_strategy=run.placement_strategy),
             run_config=RunConfig(name=run.name, storage_path=storage,

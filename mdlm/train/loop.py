@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from mdlm.config import accumulation_steps
 from mdlm.data.spec import resolve_model_config
 from mdlm.eval.metrics import safe_exp
 from mdlm.model_card import ModelCardInfo
@@ -83,10 +84,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         logger.info(f"resumed from {restored_from} at step {progress.step}")
 
     micro = training.micro_batch_size
-    if training.global_batch_size % (micro * world):
-        raise ValueError(f"training.global_batch_size {training.global_batch_size} is not a multiple of "
-                         f"micro_batch_size x workers = {micro * world}")
-    settings = StepSettings(accumulation=training.global_batch_size // (micro * world), grad_clip=training.grad_clip,
+    settings = StepSettings(accumulation=accumulation_steps(training, world), grad_clip=training.grad_clip,
                             autocast_bf16=bf16 and not plan.fsdp)  # FSDP2's MixedPrecisionPolicy casts instead
     if rank == 0:  # an elastic run says so at every (re)start of its worker group
         logger.info(f"{world} worker{'s' if world > 1 else ''} x {settings.accumulation} micro-batches of {micro} "
