@@ -2,6 +2,11 @@
 
     python bench/reproduce.py            # 2-core CPU, under an hour: the default corpus, the 'cpu' model size
     python bench/reproduce.py --quick    # the same path at a few-minute size (tests/test_reproduce.py runs it)
+    python bench/reproduce.py --preset gpu --corpus linux-doc-6.12_*.deb   # one H100/H200, about 8 minutes:
+        # the 'small' model, GPT-2 tokens, 1,024-token rows, the kernel documentation (bench/linux_doc.py)
+
+Trailing ``a.b=value`` arguments override the preset's config of every run (``model.n_layers=2``), and
+``size.NAME=value`` its sizes (``size.steps=10``), as in every entry point.
 
 Every model (MDLM, the AR baseline, SEDD absorbing, D3PM absorbing, and the MDLM ablations) has the same size,
 data, optimiser and token budget, and is trained by the library's single-process loop (``train_local``, whose
@@ -10,8 +15,8 @@ data, optimiser and token budget, and is trained by the library's single-process
 - the perplexity bound against tokens seen: the model's own objective (``model.sequence_nll``) on the validation
   rows with K Monte-Carlo time samples per row, per-row seeds, summarised with standard errors
   (``summarize_nelbo``), at log-spaced points of training, with the EMA weights;
-- the test and zero-shot bounds at the end, on the prepared test split and on a second real corpus
-  (/usr/share/common-licenses) prepared with the same tokenizer;
+- the test and zero-shot bounds at the end, on the prepared test split and on a second real corpus prepared with
+  the same tokenizer (/usr/share/common-licenses; Shakespeare for ``--preset gpu``);
 - generative perplexity under the AR baseline of this run and unigram entropy, against sampling steps, for each
   sampler, float64 vs float32 categorical draws, and semi-autoregressive samples of 4 blocks
   (``mdlm.eval.generation.generate_and_score``, as the evaluation job);
@@ -83,7 +88,7 @@ PAPER = [
 
 @dataclass(frozen=True)
 class Size:
-    steps: int  # optimizer steps per run (global batch 32 x 128 tokens)
+    steps: int  # optimizer steps per run
     eval_points: int  # points of the bound-vs-tokens curve
     eval_rows: int  # validation rows for the curve
     mc_samples: int  # K time samples per row
@@ -91,14 +96,66 @@ class Size:
     gen_samples: int  # samples per (sampler, steps) cell
     gen_steps: tuple[int, ...]  # sampling steps
     invariance_rows: int
+    semi_ar_steps: int | None = None  # steps per block of the semi-autoregressive samples (None: block / 2)
 
 
-SIZES = {
-    "cpu": Size(steps=800, eval_points=8, eval_rows=256, mc_samples=4, test_rows=None, gen_samples=32,
-                gen_steps=(16, 32, 64, 128, 256), invariance_rows=128),
-    "quick": Size(steps=24, eval_points=3, eval_rows=32, mc_samples=2, test_rows=32, gen_samples=4,
-                  gen_steps=(8, 32), invariance_rows=32),
+@dataclass(frozen=True)
+class Preset:
+    """What ``--preset`` runs: the config preset every run overrides (``RUNS``), the corpora, sizes and device."""
+
+    config: str
+    overrides: tuple[str, ...]
+    size: Size
+    device: str
+    corpus: str  # 'shakespeare' (the default corpus) or 'linux-doc' (bench/linux_doc.py, from --corpus)
+    zero_shot: str  # 'licenses' (/usr/share/common-licenses) or 'shakespeare'
+
+
+CPU_SIZE = Size(steps=800, eval_points=8, eval_rows=256, mc_samples=4, test_rows=None, gen_samples=32,
+                gen_steps=(16, 32, 64, 128, 256), invariance_rows=128)
+PRESETS = {
+    "cpu": Preset("cpu", (), CPU_SIZE, "cpu", "shakespeare", "licenses"),
+    "quick": Preset("cpu", (), Size(steps=24, eval_points=3, eval_rows=32, mc_samples=2, test_rows=32,
+                                    gen_samples=4, gen_steps=(8, 32), invariance_rows=32),
+                    "cpu", "shakespeare", "licenses"),
+    # Sized from the measured eager step of 'small' at 32 x 1,024 tokens (170 ms on an H200, bench/results/
+    # gpu_check_h200_2026-11-27.json): 8 runs x 128 steps ~ 3 minutes of training, the rest evaluation and
+    # sampling. The invariance job runs on CPU actors (1 vs 2 actors would need 2 GPUs), on few rows.
+    "gpu": Preset("small", ("training.global_batch_size=32", "training.micro_batch_size=32",
+                            "training.precision=bf16", "training.lr=6e-4", "training.warmup_steps=20",
+                            "training.lr_schedule=cosine", "training.ema_decay=0.999"),
+                  Size(steps=128, eval_points=6, eval_rows=64, mc_samples=2, test_rows=256, gen_samples=8,
+                       gen_steps=(16, 64, 256), invariance_rows=8, semi_ar_steps=64),
+                  "cuda", "linux-doc", "shakespeare"),
 }
+SIZES = {name: preset.size for name, preset in PRESETS.items()}
+CORPORA = {"shakespeare": "Shakespeare", "licenses": "/usr/share/common-licenses",
+           "linux-doc": "the Linux 6.12 documentation (Debian's linux-doc-6.12)"}
+
+
+def size_with(size: Size, overrides: list[str]) -> Size:
+    """``size`` with ``size.NAME=value`` overrides (a comma-separated list for gen_steps, 'none' for None)."""
+    from dataclasses import fields
+
+    types = {f.name: f.type for f in fields(Size)}
+    changes: dict[str, Any] = {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        name = key.removeprefix("size.")
+        if name not in types:
+            raise SystemExit(f"reproduce.py: unknown size key {key!r} (known: {', '.join('size.' + n for n in types)})")
+        try:
+            if name == "gen_steps":
+                changes[name] = tuple(int(v) for v in value.split(","))
+            elif value.lower() == "none" and "None" in str(types[name]):
+                changes[name] = None
+            else:
+                changes[name] = int(value)
+        except ValueError:
+            raise SystemExit(f"reproduce.py: {key}={value!r} is not an integer") from None
+        if changes[name] is not None and min(changes[name] if name == "gen_steps" else (changes[name],)) < 1:
+            raise SystemExit(f"reproduce.py: {key} must be >= 1, got {value!r}")
+    return replace(size, **changes)
 
 
 @dataclass
@@ -131,15 +188,31 @@ def _show_data_log() -> None:
 # Data
 
 
-def prepare(config: Config, work: Path) -> tuple[Manifest, Manifest]:
-    """The default corpus and the zero-shot corpus, prepared by the Ray Data pipeline (reused when present)."""
+def prepare(config: Config, preset: Preset, work: Path, corpus: Path | None = None) -> tuple[Manifest, Manifest]:
+    """The preset's corpus and its zero-shot corpus (tokenized with the same tokenizer), prepared by the Ray Data
+    pipeline (reused when present); ``corpus``: the linux-doc .deb or folder (bench/linux_doc.py)."""
     from mdlm.data.pipeline import prepare_dataset
 
-    data = replace(config.data, output_dir=str(work / "data" / "shakespeare"))
     _show_data_log()
+    data = replace(config.data, output_dir=str(work / "data" / preset.corpus))
+    if preset.corpus == "linux-doc":
+        import linux_doc
+
+        if corpus is None:
+            raise ValueError("the linux-doc corpus needs its .deb or folder")
+        try:
+            stats = linux_doc.write_corpus(corpus, work / "corpus" / linux_doc.PACKAGE)
+        except linux_doc.CorpusError as exc:
+            raise SystemExit(f"reproduce.py: --corpus {exc}") from None
+        log(f"corpus: {stats['files']:,} files, {stats['bytes'] / 1e6:.1f} MB of text from {corpus}")
+        data = replace(data, source=str(work / "corpus" / linux_doc.PACKAGE), format="jsonl")
     main = prepare_dataset(data, progress=False)
-    zero = replace(config.data, source="/usr/share/common-licenses/*", format="text", tokenizer=main.tokenizer_path,
-                   validation_fraction=0.0, test_fraction=0.9, output_dir=str(work / "data" / "licenses"))
+    zero = replace(config.data, tokenizer=main.tokenizer_path, validation_fraction=0.0, test_fraction=0.9,
+                   output_dir=str(work / "data" / f"{preset.zero_shot}-zero-shot"))
+    if preset.zero_shot == "licenses":
+        zero = replace(zero, source="/usr/share/common-licenses/*", format="text")
+    else:
+        zero = replace(zero, source="shakespeare", format="auto")
     return main, prepare_dataset(zero, progress=False)
 
 
@@ -174,7 +247,7 @@ def bound(model, ids: torch.Tensor, mask: torch.Tensor, mc_samples: int, seed: i
 
 
 def train_run(name: str, config: Config, manifest: Manifest, val: tuple, size: Size, seed: int,
-              experiment_id: str, tracking_uri: str, work: Path) -> tuple[RunResult, Any]:
+              experiment_id: str, tracking_uri: str, work: Path, device: str = "cpu") -> tuple[RunResult, Any]:
     comparison, _ = RUNS[name]
     started = time.perf_counter()
     train_ids, train_mask = rows(manifest, "train")
@@ -182,7 +255,7 @@ def train_run(name: str, config: Config, manifest: Manifest, val: tuple, size: S
     from tokenizers import Tokenizer
 
     model = build_model(resolve_model_config(config.model, manifest.data_spec()), config.noise,
-                        tokenizer=Tokenizer.from_file(manifest.tokenizer_path))
+                        tokenizer=Tokenizer.from_file(manifest.tokenizer_path)).to(device)
     ema = EMA(model, config.training.ema_decay)
     result = RunResult(name=name, comparison=comparison, kind=config.model.kind)
     tokens_per_step = config.training.global_batch_size * manifest.block_size
@@ -222,7 +295,7 @@ def sampling_study(model, evaluator_dir: Path, size: Size, seed: int, block: int
     """Generative perplexity (AR evaluator) and unigram entropy against steps, per sampler; float32 draws; semi-AR."""
     from mdlm.eval.evaluator import load_scorer
 
-    scorer = load_scorer(evaluator_dir)
+    scorer = load_scorer(evaluator_dir, next(model.parameters()).device)
     cells: list[dict[str, Any]] = []
 
     def measure(label: str, **settings: Any) -> None:
@@ -238,7 +311,8 @@ def sampling_study(model, evaluator_dir: Path, size: Size, seed: int, block: int
             measure(sampler, sampler=sampler, steps=steps, length=block)
     for steps in size.gen_steps:
         measure("ancestral float32", sampler="ancestral", steps=steps, length=block, dtype="float32")
-    measure("semi-AR x4", sampler="cached", steps=block // 2, length=4 * block, stride=block // 2)
+    measure("semi-AR x4", sampler="cached", steps=size.semi_ar_steps or block // 2, length=4 * block,
+            stride=block // 2)
     return cells
 
 
@@ -392,27 +466,51 @@ def budget_for_ratio(curve_mdlm: list[dict], curve_ar: list[dict], target: float
     return float(10 ** ((target - intercept) / slope))
 
 
-def write_report(path: Path, out: Path, size_name: str, size: Size, results: list[RunResult], rows_: list[dict],
-                 cells: dict[str, list[dict]], invariant: list[dict], figures: list[str], seed: int,
+def setup_of(record: dict[str, Any]) -> dict[str, Any]:
+    """The record's setup; records written before presets had one are the 'cpu' or 'quick' preset's."""
+    if "setup" in record:
+        return record["setup"]
+    flag = " --quick" if record["size"] == "quick" else ""
+    return {"preset": record["size"], "config": "cpu", "corpus": "shakespeare", "zero_shot": "licenses",
+            "tokenizer": "bpe", "vocab_size": 1024, "block_size": 128, "batch": 32, "device": "cpu",
+            "command": f"python bench/reproduce.py{flag} --seed {record['seed']}"}
+
+
+def describe_tokenizer(setup: dict[str, Any]) -> str:
+    if setup["tokenizer"] == "bpe":
+        return f"byte-level BPE of {setup['vocab_size']:,} tokens trained on it"
+    if setup["tokenizer"] == "gpt2":
+        return "GPT-2's byte-level BPE (50,257 tokens)"
+    return f"the tokenizer {setup['tokenizer']} ({setup['vocab_size']:,} tokens)"
+
+
+def write_report(path: Path, out: Path, setup: dict[str, Any], size: Size, results: list[RunResult],
+                 rows_: list[dict], cells: dict[str, list[dict]], invariant: list[dict], figures: list[str],
                  parameters: dict[str, int]) -> None:
     relative = Path(os.path.relpath(out, path.parent))  # the figures, as the report's own folder sees them
     text = io.StringIO()
     w = text.write
     w("# Reproducing the MDLM paper's comparisons in miniature\n\n")
-    w(f"Regenerate with `python bench/reproduce.py{' --quick' if size_name == 'quick' else ''} --seed {seed}` "
-      "(every number below is computed by the library's training, objective and evaluation code; costs are "
-      "counted in forward passes, so the report is the same on every run of the command).\n\n")
+    w(f"Regenerate with `{setup['command']}` (every number below is computed by the library's training, objective "
+      "and evaluation code; costs are counted in forward passes, so the report is the same on every run of the "
+      "command on the same kind of machine).\n\n")
     budget = rows_[0]["tokens"]
     counts = sorted(set(parameters.values()))
     sizes = " to ".join(f"{c / 1e6:.2f}M" for c in (counts[0], counts[-1]) if counts) + " parameters"
     if len(counts) == 1:
         sizes = f"{counts[0] / 1e6:.2f}M parameters"
-    w(f"Setup: the default corpus (Shakespeare, byte-level BPE of 1,024 tokens, 128-token rows packed as MDLM "
-      f"packs OpenWebText), the `cpu` model size ({sizes}) for every run, {size.steps} optimizer steps of "
-      f"32 x 128 tokens = {budget:,} training tokens each, EMA weights, K = {size.mc_samples} Monte-Carlo time "
-      "samples per row with per-row seeds. The paper trains 110M-parameter models on 33B-327B tokens: about "
-      f"{33e9 / max(budget, 1):,.0f} x this budget.\n\n")
-    w("## Perplexity bounds (test split, and zero-shot on /usr/share/common-licenses)\n\n")
+    block, batch = setup["block_size"], setup["batch"]
+    corpus = CORPORA[setup["corpus"]] + (" (the default corpus)" if setup["corpus"] == "shakespeare" else "")
+    model = f"the `{setup['config']}` model size"
+    if any(not o.startswith(("size.", "training.seed=", "data.seed=")) for o in setup.get("overrides", [])):
+        model += " with the command's overrides"
+    device = setup["device"] + (f" ({setup['gpu']})" if setup.get("gpu") else "")
+    w(f"Setup: {corpus}, {describe_tokenizer(setup)}, {block:,}-token rows packed as MDLM packs OpenWebText; "
+      f"{model} ({sizes}) for every run, on {device}; "
+      f"{size.steps} optimizer steps of {batch} x {block:,} tokens = {budget:,} training tokens each, EMA weights, "
+      f"K = {size.mc_samples} Monte-Carlo time samples per row with per-row seeds. The paper trains "
+      f"110M-parameter models on 33B-327B tokens: about {33e9 / max(budget, 1):,.0f} x this budget.\n\n")
+    w(f"## Perplexity bounds (test split, and zero-shot on {CORPORA[setup['zero_shot']]})\n\n")
     w(markdown(rows_, ["run", "comparison", "test_bound", "test_se", "test_ppl", "zero_shot_ppl", "vs_mdlm",
                        "vs_ar"]))
     w("\n`test_bound`: NELBO per token (an upper bound on the NLL; the exact NLL for AR), `test_se` its standard "
@@ -455,6 +553,16 @@ def write_report(path: Path, out: Path, size_name: str, size: Size, results: lis
     close = abs(invariant[0]["nelbo"] - invariant[2]["nelbo"]) < 1e-4
     w(f"\n1 vs 2 actors: {'identical' if same else 'DIFFERENT'}; batch size 16 vs 8: "
       f"{'equal up to float rounding' if close else 'DIFFERENT'}.\n")
+    if setup["preset"] != "gpu":
+        w("\n## On one GPU: `--preset gpu`\n\n"
+          "The same comparisons at the paper's model size on a real corpus of its kind of scale: the `small` model "
+          "(hidden 768, 12 blocks), GPT-2's tokenizer, 1,024-token rows, the Linux 6.12 documentation as Debian "
+          "ships it (linux-doc-6.12: 9,538 files, 42.5 MB of text, 14.7M GPT-2 tokens of training rows), 128 "
+          "steps of 32 x 1,024 tokens per run, sized for about 8 minutes on one H100/H200:\n\n"
+          "```bash\napt-get download linux-doc-6.12     # Debian 12; or the .deb from packages.debian.org\n"
+          "python bench/reproduce.py --preset gpu --corpus linux-doc-6.12_*.deb\n```\n\n"
+          "Its report goes to `docs/reproduction-gpu.md`, its table, plots and results to "
+          "`bench/results/reproduce-gpu/`.\n")
     write_text_atomic(path, text.getvalue())
 
 
@@ -485,8 +593,10 @@ def render(record: dict[str, Any], out: Path, report: Path, work: Path) -> None:
     write_text_atomic(out / "table.md", markdown(rows_, list(rows_[0])))
     figures = plots(results, record["sampling"], out)
     write_text_atomic(out / "results.json", json.dumps(record, indent=1, default=str) + "\n")
-    write_report(report, out, record["size"], SIZES[record["size"]], results, rows_, record["sampling"],
-                 record["invariance"], figures, record["seed"], record["parameters"])
+    size = Size(**{**record["size_fields"], "gen_steps": tuple(record["size_fields"]["gen_steps"])}) \
+        if "size_fields" in record else SIZES[record["size"]]
+    write_report(report, out, setup_of(record), size, results, rows_, record["sampling"], record["invariance"],
+                 figures, record["parameters"])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -494,30 +604,62 @@ def render(record: dict[str, Any], out: Path, report: Path, work: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a few minutes: the same path, tiny sizes")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="cpu (default), quick or gpu")
+    parser.add_argument("--quick", action="store_true", help="the same as --preset quick: the same path, tiny sizes")
+    parser.add_argument("--corpus", type=Path, default=None,
+                        help="--preset gpu: the linux-doc-6.12 .deb (apt-get download linux-doc-6.12) or its folder")
+    parser.add_argument("--device", default=None, help="torch device of training and sampling (default: the preset's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=None, help="data, models and MLflow store (default: runs/)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results/reproduce)")
     parser.add_argument("--report", type=Path, default=None, help="the markdown report (default: docs/...)")
     parser.add_argument("--from-results", type=Path, default=None, metavar="RESULTS_JSON",
                         help="only redraw the table, plots and report from a results.json of an earlier run")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides of every run (model.n_layers=2) and sizes (size.steps=10)")
     args = parser.parse_args(argv)
-    size_name = "quick" if args.quick else "cpu"
-    size = SIZES[size_name]
-    suffix = "-quick" if args.quick else ""
+    if args.quick and args.preset not in (None, "quick"):
+        parser.error(f"--quick and --preset {args.preset} contradict each other")
+    preset_name = "quick" if args.quick else args.preset or "cpu"
+    preset = PRESETS[preset_name]
+    bad = [item for item in args.overrides if "=" not in item]
+    if bad:
+        parser.error(f"overrides must be KEY=VALUE, got {bad[0]!r}")
+    size = size_with(preset.size, [o for o in args.overrides if o.startswith("size.")])
+    config_overrides = [*preset.overrides, f"training.seed={args.seed}", f"data.seed={args.seed}",
+                        *(o for o in args.overrides if not o.startswith("size."))]
+    suffix = "" if preset_name == "cpu" else f"-{preset_name}"
     work = (args.work or ROOT / "runs" / f"reproduce{suffix}").absolute()
     out = (args.out or ROOT / "bench" / "results" / f"reproduce{suffix}").absolute()
     report = (args.report or ROOT / "docs" / f"reproduction{suffix}.md").absolute()
-    out.mkdir(parents=True, exist_ok=True)
     if args.from_results is not None:
+        out.mkdir(parents=True, exist_ok=True)
         render(json.loads(args.from_results.read_text()), out, report, work)
         log(f"report: {report}; results: {out}")
         return 0
-    torch.set_num_threads(2)
+    from mdlm.config_base import ConfigError
+
+    try:
+        base = load_config(preset.config, config_overrides)
+        for name in RUNS:  # every run's config is checked before anything is prepared or trained
+            load_config(preset.config, [*config_overrides, *RUNS[name][1]])
+    except ConfigError as exc:
+        parser.error(str(exc))
+    if preset.corpus == "linux-doc" and args.corpus is None:
+        parser.error(f"--preset {preset_name} needs --corpus: the linux-doc-6.12 .deb (apt-get download "
+                     "linux-doc-6.12, or from packages.debian.org) or the folder it was extracted to")
+    device = args.device or preset.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--preset {preset_name} trains on {device}, which this machine lacks (--device cpu runs "
+                     "the same path on the CPU, at a smaller size: size.steps=... model.n_layers=...)")
+    out.mkdir(parents=True, exist_ok=True)
+    if device == "cpu":
+        torch.set_num_threads(2)
+    else:
+        torch.set_float32_matmul_precision("high")  # evaluation and sampling in fp32 with TF32 matmuls
     started = time.perf_counter()
 
-    base = load_config("cpu", [f"training.seed={args.seed}", f"data.seed={args.seed}"])
-    main_data, zero_data = prepare(base, work)
+    main_data, zero_data = prepare(base, preset, work, args.corpus)
     val = rows(main_data, "validation", size.eval_rows)
     test = rows(main_data, "test", size.test_rows)
     zero = rows(zero_data, "test", size.test_rows)
@@ -527,9 +669,10 @@ def main(argv: list[str] | None = None) -> int:
     results: list[RunResult] = []
     models: dict[str, Any] = {}
     for name in RUNS:
-        config = load_config("cpu", [f"training.seed={args.seed}", f"data.seed={args.seed}", *RUNS[name][1]])
+        config = load_config(preset.config, [*config_overrides, *RUNS[name][1]])
         log(f"training {name} ({size.steps} steps)")
-        result, model = train_run(name, config, main_data, val, size, args.seed, experiment_id, tracking_uri, work)
+        result, model = train_run(name, config, main_data, val, size, args.seed, experiment_id, tracking_uri, work,
+                                  device)
         result.test = bound(model, *test, size.mc_samples, args.seed + 1)
         result.zero_shot = bound(model, *zero, size.mc_samples, args.seed + 2)
         metrics = {"test_bound": result.test["nelbo"], "test_ppl": result.test["ppl"],
@@ -549,9 +692,25 @@ def main(argv: list[str] | None = None) -> int:
     log("sampling study done; invariance of the Ray evaluation job")
     invariant = invariance(work / "models" / "mdlm", Path(main_data.root), size, args.seed, work)
 
-    record = {"size": size_name, "seed": args.seed, "runs": [r.__dict__ for r in results],
-              "parameters": parameter_counts(work), "sampling": cells, "invariance": invariant,
-              "seconds": round(time.perf_counter() - started, 1)}
+    flags = {"cpu": "", "quick": " --quick"}.get(preset_name, f" --preset {preset_name}")
+    if preset.corpus == "linux-doc":
+        import linux_doc
+
+        flags += f" --corpus {linux_doc.PACKAGE}_{linux_doc.VERSION}_all.deb"
+    if args.device:
+        flags += f" --device {args.device}"
+    command = f"python bench/reproduce.py{flags} --seed {args.seed}" + "".join(f" {o}" for o in args.overrides)
+    setup = {"preset": preset_name, "config": preset.config, "corpus": preset.corpus, "zero_shot": preset.zero_shot,
+             "tokenizer": base.data.tokenizer,
+             "vocab_size": base.data.tokenizer_vocab_size if base.data.tokenizer == "bpe" else main_data.vocab_size,
+             "block_size": main_data.block_size,
+             "batch": base.training.global_batch_size, "device": device, "command": command,
+             "overrides": args.overrides,
+             "torch": torch.__version__,
+             "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None}
+    record = {"size": preset_name, "size_fields": size.__dict__, "setup": setup, "seed": args.seed,
+              "runs": [r.__dict__ for r in results], "parameters": parameter_counts(work), "sampling": cells,
+              "invariance": invariant, "seconds": round(time.perf_counter() - started, 1)}
     render(record, out, report, work)
     log(f"report: {report}; results: {out}; {record['seconds']:.0f} s")
     return 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -88,3 +89,85 @@ def test_quick_reproduction_end_to_end(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert report.read_text() == text
     assert {name: (out / name).read_bytes() for name in before} == before
+
+
+def run_script(args: list[str], cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    return subprocess.run([sys.executable, str(ROOT / "bench" / "reproduce.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd, env=env)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--preset", "gpu"], "--preset gpu needs --corpus"),
+    (["--quick", "--preset", "gpu"], "contradict"),
+    (["--quick", "size.bogus=1"], "unknown size key 'size.bogus'"),
+    (["--quick", "size.steps=0"], "size.steps must be >= 1"),
+    (["--quick", "size.steps=many"], "size.steps='many' is not an integer"),
+    (["--quick", "model.bogus=1"], "model.bogus"),
+    (["--quick", "steps"], "overrides must be KEY=VALUE"),
+])
+def test_bad_arguments_are_named_before_anything_runs(tmp_path, args, message):
+    done = run_script([*args, "--work", str(tmp_path / "work")], tmp_path)
+    assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_gpu_preset_without_cuda_says_how_to_run_it_on_cpu(tmp_path):
+    done = run_script(["--preset", "gpu", "--corpus", str(tmp_path), "--work", str(tmp_path / "work")], tmp_path)
+    assert done.returncode == 2 and "which this machine lacks (--device cpu" in done.stderr, done.stderr[-2000:]
+
+
+def linux_doc_deb(folder: Path) -> Path:
+    """A small linux-doc-6.12 .deb (built by dpkg-deb) whose Documentation holds real English: this machine's
+    Debian changelogs (80 small ones), gzipped as the package's files are."""
+    docs = folder / "tree" / "usr/share/doc/linux-doc-6.12/Documentation"
+    docs.mkdir(parents=True)
+    small = [p for p in sorted(Path("/usr/share/doc").glob("*/changelog.Debian.gz")) if p.stat().st_size < 8000]
+    for path in small[:80]:
+        (docs / f"{path.parent.name}.rst.gz").write_bytes(path.read_bytes())
+    if len(small) < 40:
+        pytest.skip("this machine has too few Debian changelogs for the test corpus")
+    (folder / "tree" / "DEBIAN").mkdir()
+    (folder / "tree" / "DEBIAN" / "control").write_text(
+        "Package: linux-doc-6.12\nVersion: 6.12.118-1~deb12u1\nArchitecture: all\nMaintainer: t <t@example.com>\n"
+        "Description: test corpus\n")
+    deb = folder / "linux-doc-6.12_6.12.118-1~deb12u1_all.deb"
+    subprocess.run(["dpkg-deb", "--root-owner-group", "-Zxz", "--build", str(folder / "tree"), str(deb)], check=True,
+                   capture_output=True)
+    return deb
+
+
+@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="dpkg-deb builds the test .deb")
+def test_gpu_preset_path_on_cpu(tmp_path):
+    """``--preset gpu`` as a user runs it, on the CPU at a tiny size: the corpus read from a real .deb, GPT-2
+    tokens, the 'small' config with overrides, zero-shot on Shakespeare, every run, sampling and invariance."""
+    deb = linux_doc_deb(tmp_path)
+    overrides = ["data.block_size=128", "training.precision=fp32", "model.hidden_size=64", "model.n_layers=1",
+                 "model.n_heads=2", "training.global_batch_size=4", "training.micro_batch_size=4", "size.steps=3",
+                 "size.eval_points=2", "size.eval_rows=4", "size.test_rows=4", "size.gen_samples=2",
+                 "size.gen_steps=4", "size.invariance_rows=4", "size.semi_ar_steps=4"]
+    out, report = tmp_path / "results", tmp_path / "reproduction-gpu.md"
+    done = run_script(["--preset", "gpu", "--device", "cpu", "--corpus", str(deb), "--work", str(tmp_path / "work"),
+                       "--out", str(out), "--report", str(report), *overrides], tmp_path, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    setup = results["setup"]
+    assert (setup["corpus"], setup["zero_shot"], setup["tokenizer"], setup["config"]) == \
+        ("linux-doc", "shakespeare", "gpt2", "small")
+    assert (setup["vocab_size"], setup["block_size"], setup["batch"], setup["device"]) == (50258, 128, 4, "cpu")
+    assert results["size_fields"]["steps"] == 3 and results["size_fields"]["gen_steps"] == [4]
+    assert [r["name"] for r in results["runs"]] == RUNS
+    assert all(r["curve"][-1]["tokens"] == 3 * 4 * 128 for r in results["runs"])
+    assert set(results["sampling"]) == {"mdlm", "sedd", "d3pm"}
+    semi = next(c for c in results["sampling"]["mdlm"] if c["label"] == "semi-AR x4")
+    assert semi["length"] == 4 * 128 and semi["steps"] == 4
+    assert results["invariance"][0]["nelbo"] == results["invariance"][1]["nelbo"]
+    text = report.read_text()
+    assert "the Linux 6.12 documentation" in text and "GPT-2's byte-level BPE" in text and "`small` model" in text
+    assert ("python bench/reproduce.py --preset gpu --corpus linux-doc-6.12_6.12.118-1~deb12u1_all.deb "
+            "--device cpu --seed 0 data.block_size=128") in text
+    assert "zero-shot on Shakespeare" in text
+    corpus = sorted((tmp_path / "work" / "corpus" / "linux-doc-6.12").glob("part-*.jsonl"))
+    assert len(corpus) == 16 and all(json.loads(p.read_text().splitlines()[0])["path"].endswith(".rst")
+                                     for p in corpus)
