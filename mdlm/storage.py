@@ -125,13 +125,22 @@ def is_local_fs(fs) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
+_TEMPORARY = ".tmp-"  # in the names of write_bytes_atomic's temporary files
+
+
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` is one of :func:`write_bytes_atomic`'s temporary files (a writer killed mid-write
+    leaves one behind)."""
+    return name.startswith(".") and _TEMPORARY in name
+
+
 def write_bytes_atomic(fs, path: str, data: bytes) -> None:
     """Publish ``data`` at ``path`` of ``fs`` whole or not at all: a local file goes through a temporary sibling
     renamed into place; an object store's single PUT is atomic already."""
     if is_local_fs(fs):
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = target.parent / f".{target.name}{_TEMPORARY}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             tmp.write_bytes(data)
             os.replace(tmp, target)

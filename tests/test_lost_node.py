@@ -7,6 +7,9 @@ the MLflow run complete with every step once, the export and the registered mode
   on with 2 workers;
 - elastic (``run.min_workers=1``): no node replaces it and the run goes on with the 1 worker that fits, with the
   same global batch (2 micro-batches per step instead of 1), the same step count and the same data order.
+
+Preparation too: four prepare workers on the two nodes, the worker node lost early in the run and replaced; the
+dataset published is the undisturbed run's, shard for shard.
 """
 
 from __future__ import annotations
@@ -144,3 +147,71 @@ def test_an_elastic_run_goes_on_with_the_workers_that_fit(two_nodes, tmp_path, m
         two_nodes, tmp_path, monkeypatch, "elastic", ["run.min_workers=1", "run.cpus_per_worker=1.5"], replace=False)
     _check_the_run(result, said, committed, "mdlm-elastic")
     assert "1 worker x 2 micro-batches of 8 rows = global batch 16" in said  # the same global batch, resized
+
+
+def _corpus(root, copies: int):
+    """``copies`` x the default corpus's first 20 works, each copy its own files: many read tasks."""
+    from mdlm.data.sources import shakespeare_files
+
+    root.mkdir()
+    for k in range(copies):
+        for path in shakespeare_files()[:20]:
+            (root / f"{k}-{path.name}").write_bytes(path.read_bytes())
+    return root
+
+
+def test_preparation_survives_the_loss_of_a_node(two_nodes, tmp_path):
+    """Four preparation workers on two nodes; the worker node is lost once the first shards are written (its
+    workers' calls in flight and the token streams in its object store with it) and a replacement joins: Ray
+    restarts the workers, retries their calls and rebuilds the lost streams, and the dataset published is the
+    one an undisturbed run publishes, shard for shard."""
+    from ray.util.state import list_actors
+
+    from mdlm.config import DataConfig
+    from mdlm.data.manifest import load_manifest
+    from mdlm.data.pipeline import prepare_dataset
+
+    cluster, worker_node = two_nodes
+    corpus = _corpus(tmp_path / "corpus", copies=3)
+
+    def config(out: str) -> DataConfig:
+        return DataConfig(source=str(corpus), tokenizer="gpt2", block_size=64, packing="wrap",
+                          validation_fraction=0.1, test_fraction=0.1, file_size_mb=0.05, num_workers=4,
+                          output_dir=str(tmp_path / out))
+
+    reference = prepare_dataset(config("reference"), progress=False)
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["manifest"] = prepare_dataset(config("data"), progress=False)
+        except BaseException as exc:  # reported by the assertions below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "data").glob("shards-*/train/*.parquet")):
+        assert thread.is_alive() and time.monotonic() < deadline, outcome
+        time.sleep(0.05)
+    workers = list_actors(filters=[("class_name", "=", "PrepareWorker"), ("state", "=", "ALIVE")], detail=True,
+                          limit=100)
+    on_lost = [w.actor_id for w in workers if w.node_id == worker_node.node_id]
+    assert on_lost, [(w.actor_id, w.node_id) for w in workers]
+    written = len(list((tmp_path / "data").glob("shards-*/*/*.parquet")))
+    cluster.remove_node(worker_node, allow_graceful=False)
+    cluster.add_node(num_cpus=2)
+    thread.join(timeout=600)
+    assert not thread.is_alive() and "error" not in outcome, outcome.get("error")
+    assert not outcome["manifest"].reused
+    restarted = list_actors(filters=[("class_name", "=", "PrepareWorker")], detail=True, limit=100)
+    assert all(a.num_restarts >= 1 for a in restarted if a.actor_id in on_lost)  # restarted, not replaced
+
+    published = load_manifest(str(tmp_path / "data"))
+    published.verify()
+    assert written < sum(len(s.shards) for s in reference.splits.values()) / 2, written  # lost early in the run
+    for split in ("train", "validation", "test"):
+        ours, theirs = published.splits[split], reference.splits[split]
+        assert (ours.rows, ours.tokens, ours.documents) == (theirs.rows, theirs.tokens, theirs.documents)
+        assert [(s.rows, s.sha256) for s in ours.shards] == [(s.rows, s.sha256) for s in theirs.shards]
+    assert not [p for p in (tmp_path / "data").rglob(".*") if p.is_file()]  # no temporary file left behind

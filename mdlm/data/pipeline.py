@@ -78,12 +78,14 @@ from mdlm.data.tokenizer import (
 from mdlm.data.workers import PrepareWorker
 from mdlm.data.writer import first_error
 from mdlm.runtime import READ_CPUS, actor_cpu_share, actors_that_fit, init_ray, node_cpus
-from mdlm.storage import absolute, filesystem, is_local_fs, is_url, join, write_bytes_atomic
+from mdlm.storage import absolute, filesystem, is_local_fs, is_temporary, is_url, join, write_bytes_atomic
 
 # Settings that change how the work runs, not what it produces: left out of the fingerprint.
 EXECUTION_FIELDS = ("output_dir", "num_workers", "batch_size", "force")
 SHARDS_PREFIX = "shards-"
 TASKS_IN_FLIGHT_PER_WORKER = 2  # read-ahead: tokenized tasks waiting for their rows to be written
+WORKER_RESTARTS = 4  # restarts of a preparation worker lost with its node (or killed)
+STALL_WARNING_S = 60.0  # warn when no call has finished this long (a lost worker waiting for room?)
 
 logger = logging.getLogger(__name__)
 
@@ -181,13 +183,24 @@ def _rows_after(position: int, tokens: int, chunk: int) -> int:
 
 
 class _Pool:
-    """Actors of :class:`PrepareWorker` and the calls in flight on each (new calls go to the least busy)."""
+    """Actors of :class:`PrepareWorker` and the calls in flight on each (new calls go to the least busy).
+
+    A worker lost with its node (or killed) is restarted by Ray on a node with room, up to
+    ``WORKER_RESTARTS`` times, and the calls it had in flight run again there; a task's stream held in the
+    lost node's object store is rebuilt by running its ``tokenize`` call again (Ray's lineage reconstruction).
+    Both calls are deterministic and a shard is published whole under a name fixed by its task, so a call
+    that runs twice writes the same files. While no node has room for a restarting worker (a lost node not
+    yet replaced), preparation waits for one, as a fixed-size training run does, and says so."""
 
     def __init__(self, workers: int, cpus: float, args: tuple) -> None:
         import ray
 
         remote = ray.remote(PrepareWorker)
-        self.actors = [remote.options(num_cpus=cpus, max_restarts=0).remote(*args) for _ in range(workers)]
+        self.cpus = cpus
+        # A call is retried until it succeeds or its worker is out of restarts (a bounded retry count would be
+        # spent on the "temporarily unavailable" answers Ray gives until it has noticed that a node is gone).
+        self.actors = [remote.options(num_cpus=cpus, max_restarts=WORKER_RESTARTS, max_task_retries=-1)
+                       .remote(*args) for _ in range(workers)]
         self.load = [0] * workers
         self.inflight: dict[Any, tuple[str, int, int]] = {}
 
@@ -202,10 +215,16 @@ class _Pool:
     def next_done(self) -> tuple[str, int, Any]:
         import ray
 
-        [ref], _ = ray.wait(list(self.inflight), num_returns=1)
-        kind, task, actor = self.inflight.pop(ref)
+        while True:
+            ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=STALL_WARNING_S)
+            if ready:
+                break
+            logger.warning(f"no preparation call has finished for {STALL_WARNING_S:.0f} s ({len(self.inflight)} "
+                           f"in flight on {len(self.actors)} workers); a worker lost with its node goes on when "
+                           f"a node with {self.cpus} free CPUs joins")
+        kind, task, actor = self.inflight.pop(ready[0])
         self.load[actor] -= 1
-        return kind, task, ray.get(ref)
+        return kind, task, ray.get(ready[0])
 
     def close(self) -> None:
         import ray
@@ -336,12 +355,17 @@ def _remove(fs, path: str) -> None:
 
 
 def _remove_unlisted(fs, root: str, folder: str) -> None:
-    """After a commit: earlier shard folders, and the split folders of format-1 datasets, which nothing lists."""
+    """After a commit: earlier shard folders, the split folders of format-1 datasets, which nothing lists, and
+    the temporary files of shard writes cut off by a lost worker (whose retry published the shard)."""
     fs.invalidate_cache()
     for entry in fs.ls(root, detail=False):
         name = entry.rstrip("/").rsplit("/", 1)[-1]
         if (name.startswith(SHARDS_PREFIX) and name != folder) or name in SPLITS:
             _remove(fs, entry)
+    if is_local_fs(fs):
+        for path in Path(root, folder).rglob(".*"):
+            if path.is_file() and is_temporary(path.name):
+                path.unlink(missing_ok=True)
 
 
 def _warn_if_not_shared(out: str) -> None:
