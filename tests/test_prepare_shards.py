@@ -251,3 +251,20 @@ def test_what_an_interrupted_run_left_is_never_listed_and_is_removed(ray_local, 
     (out / MANIFEST_NAME).unlink()
     with pytest.raises(DataError, match="exists and is not a prepared dataset"):
         prepare_dataset(_config(str(corpus), out, max_files=2), progress=False)
+
+
+def test_temporary_files_of_cut_off_writes_are_removed_after_the_commit(tmp_path):
+    """A writer killed mid-write (its node lost) leaves write_bytes_atomic's temporary file; the retried call
+    publishes the shard, and the cleanup after the commit removes the leftover, nothing else."""
+    from mdlm.data.pipeline import _remove_unlisted
+    from mdlm.storage import filesystem, is_temporary, write_bytes_atomic
+
+    fs, root = filesystem(str(tmp_path))
+    shard = tmp_path / "shards-abc" / "train" / "part-00000-000.parquet"
+    write_bytes_atomic(fs, str(shard), b"rows")
+    leftover = shard.parent / f".{shard.name}.tmp-123-0123abcd"
+    leftover.write_bytes(b"half")
+    assert is_temporary(leftover.name) and not is_temporary(shard.name) and not is_temporary(".hidden")
+    (tmp_path / "shards-abc" / ".hidden").write_text("not ours")
+    _remove_unlisted(fs, root, "shards-abc")
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == [".hidden", "part-00000-000.parquet"]
