@@ -220,8 +220,9 @@ class _Pool:
             if ready:
                 break
             logger.warning(f"no preparation call has finished for {STALL_WARNING_S:.0f} s ({len(self.inflight)} "
-                           f"in flight on {len(self.actors)} workers); a worker lost with its node goes on when "
-                           f"a node with {self.cpus} free CPUs joins")
+                           f"in flight on {len(self.actors)} workers); a worker waiting for room (at the start, "
+                           f"or restarting after its node was lost) goes on when a node with {self.cpus} free "
+                           "CPUs joins")
         kind, task, actor = self.inflight.pop(ready[0])
         self.load[actor] -= 1
         return kind, task, ray.get(ready[0])
