@@ -149,6 +149,24 @@ def test_one_and_two_workers_write_the_same_shards_with_the_sequential_rows(two_
 
 
 @pytest.mark.ray
+def test_a_wait_without_progress_is_reported_and_the_run_goes_on(two_workers, tmp_path, monkeypatch, caplog):
+    """The warning while no call finishes (a worker waiting for room) is said and does not stop the run: here
+    with a threshold far below a call's time."""
+    import logging
+
+    from mdlm.data import pipeline
+
+    config, manifest = two_workers
+    monkeypatch.setattr(pipeline, "STALL_WARNING_S", 0.001)
+    with caplog.at_level(logging.WARNING, logger="mdlm.data.pipeline"):
+        again = prepare_dataset(DataConfig(**{**config.__dict__, "output_dir": str(tmp_path / "again")}),
+                                progress=False)
+    said = [r.getMessage() for r in caplog.records if "no preparation call has finished" in r.getMessage()]
+    assert said and "goes on when a node with" in said[0]
+    assert again.splits == manifest.splits
+
+
+@pytest.mark.ray
 def test_a_listed_shard_that_changed_is_named(two_workers, tmp_path):
     _, manifest = two_workers
     copy = tmp_path / "copy"
